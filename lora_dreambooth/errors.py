@@ -1,0 +1,13 @@
+"""Errors that reach the user as one clear line (exit code 2), never as a traceback."""
+from __future__ import annotations
+
+
+class UserInputError(Exception):
+    """Bad input from the user (a file, a folder, an option). The message names the culprit.
+
+    The CLI prints ``Error: <message>`` and exits with code 2.
+    """
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and suggests a fix."""
