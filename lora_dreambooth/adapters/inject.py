@@ -1,0 +1,51 @@
+"""Injecting adapters into the frozen UNet and text encoder through peft (via diffusers/transformers `add_adapter`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .variants import AdapterVariant
+
+ADAPTER_NAME = "default"
+
+
+@dataclass
+class InjectedAdapters:
+    """Which models carry a trainable adapter, and the variant that built it."""
+
+    variant: AdapterVariant
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module | None
+    unet_config: object
+    text_encoder_config: object | None
+
+
+def inject_adapters(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, variant: AdapterVariant, *,
+                    rank: int, alpha: float, unet_targets: tuple[str, ...], text_encoder_targets: tuple[str, ...],
+                    init: str = "gaussian") -> InjectedAdapters:
+    """Add a fresh adapter to `unet` (and `text_encoder` when given) and make only its weights trainable, in fp32.
+
+    peft creates adapter weights in the base weight's dtype (bf16, even fp8); fp32 master weights are what keep
+    fp16 mixed precision from failing with "Attempting to unscale FP16 gradients".
+    """
+    unet_config = variant.peft_config(rank, alpha, unet_targets, init)
+    unet.add_adapter(unet_config, adapter_name=ADAPTER_NAME)
+    te_config = None
+    if text_encoder is not None:
+        te_config = variant.peft_config(rank, alpha, text_encoder_targets, init)
+        text_encoder.add_adapter(te_config, adapter_name=ADAPTER_NAME)
+    for model in (unet, text_encoder):
+        if model is None:
+            continue
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    return InjectedAdapters(variant, unet, text_encoder, unet_config, te_config)
+
+
+def trainable_parameters(model: torch.nn.Module | None) -> list[torch.nn.Parameter]:
+    """The parameters that require grad (the adapter's), in a stable order."""
+    if model is None:
+        return []
+    return [p for p in model.parameters() if p.requires_grad]

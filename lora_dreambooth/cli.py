@@ -1,0 +1,235 @@
+"""`lora-dreambooth` command line: thin click commands that parse, build a config and call the library.
+
+Exit codes: 0 success; 2 usage or bad input (one line `Error: ...` naming the culprit); 1 unexpected failure.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import (CROPS, LR_SCHEDULERS, MIXED_PRECISIONS, OPTIMIZERS, PRIOR_MODES, PROFILES, SAVE_DTYPES,
+                     VARIANTS, TrainConfig, read_toml)
+from .errors import TrainingDiverged, UserInputError
+
+# Help text for each TrainConfig field; the options themselves are generated from the dataclass.
+TRAIN_HELP: dict[str, str] = {
+    "base": "Base SD v1.x model: a local diffusers folder or a hub id.",
+    "token": "Rare word that will name your subject (e.g. sks).",
+    "class_noun": "What the subject is (dog, person, backpack).",
+    "output_dir": "Folder for pytorch_lora_weights.safetensors, train_config.toml, checkpoints, logs.",
+    "instance_prompt": "Prompt for your photos; {token} and {class} are filled in. [a photo of {token} {class}]",
+    "class_prompt": "Prompt for class images. [a photo of {class}]",
+    "variant": "Adapter variant.",
+    "rank": "Adapter rank.",
+    "alpha": "Adapter alpha (scale = alpha / rank). [= rank]",
+    "train_text_encoder": "Also train a LoRA on the text encoder.",
+    "unet_target_modules": "UNet modules that get adapters (repeatable).",
+    "text_encoder_target_modules": "Text-encoder modules that get adapters (repeatable).",
+    "prior": "Prior preservation with class images.",
+    "prior_mode": "Prior target: generated class images, or the frozen base's own prediction.",
+    "prior_weight": "Weight of the prior-preservation loss.",
+    "class_dir": "Folder of class images (missing ones are generated). [a cache folder keyed by base + prompt]",
+    "num_class_images": "How many class images to use.",
+    "class_inference_steps": "Denoising steps when generating class images.",
+    "steps": "Optimizer steps. [100 per instance image, at most 1500]",
+    "batch_size": "Instance images per step (plus as many class images with prior preservation).",
+    "gradient_accumulation": "Micro-batches per optimizer step.",
+    "lr": "Learning rate.",
+    "text_encoder_lr": "Learning rate of the text-encoder adapter. [= --lr]",
+    "lr_scheduler": "Learning-rate schedule.",
+    "warmup_steps": "Warm-up steps of the schedule.",
+    "optimizer": "adamw, or adamw8bit (bitsandbytes).",
+    "weight_decay": "AdamW weight decay.",
+    "max_grad_norm": "Gradient clipping (0 disables).",
+    "mixed_precision": "Compute precision of the frozen model; adapter weights stay fp32.",
+    "gradient_checkpointing": "Trade speed for memory.",
+    "profile": "Speed/memory profile.",
+    "compile": "torch.compile the UNet (GPU).",
+    "resolution": "Training resolution (multiple of 8).",
+    "crop": "Crop to a square at the centre or at random.",
+    "flip": "Random horizontal flips.",
+    "skip_bad_images": "Skip unreadable photos with a warning instead of stopping.",
+    "seed": "Random seed (the whole run is reproducible from it).",
+    "checkpoint_every": "Save a resumable checkpoint every N steps (0: never).",
+    "checkpoints_total_limit": "Keep at most N checkpoints.",
+    "resume": "Resume from the latest checkpoint in the output folder.",
+    "overwrite": "Replace a finished adapter in the output folder.",
+    "save_dtype": "Precision of the saved adapter weights.",
+    "log_every": "Log the loss every N steps.",
+    "sample_prompts": "Prompt for a sample grid written after training (repeatable).",
+    "allow_pickle": "Allow loading pickle (.bin/.ckpt) weights, which can run code.",
+}
+CHOICES = {"variant": VARIANTS, "mixed_precision": MIXED_PRECISIONS, "optimizer": OPTIMIZERS,
+           "lr_scheduler": LR_SCHEDULERS, "crop": CROPS, "save_dtype": SAVE_DTYPES, "prior_mode": PRIOR_MODES,
+           "profile": PROFILES}
+FLAG_NAMES = {"output_dir": "--output", "lr": "--lr"}
+
+
+def _option_for(field: dataclasses.Field) -> click.Option | None:
+    """A click option generated from one TrainConfig field (defaults stay in the dataclass)."""
+    if field.name == "instance_dir":
+        return None
+    name = FLAG_NAMES.get(field.name, "--" + field.name.replace("_", "-"))
+    hint = typing.get_type_hints(TrainConfig)[field.name]
+    inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    kind = inner[0]
+    help_text = TRAIN_HELP.get(field.name, "")
+    if field.default is not dataclasses.MISSING and field.default not in (None, ()) and kind is not bool:
+        help_text += f" [default: {field.default}]"
+    if kind is bool:
+        return click.Option([f"{name}/--no-{name[2:]}", field.name], default=None, help=help_text)
+    if typing.get_origin(kind) is tuple:
+        return click.Option([name, field.name], multiple=True, default=None, help=help_text)
+    click_type: Any = click.Choice(CHOICES[field.name]) if field.name in CHOICES else kind
+    return click.Option([name, field.name], type=click_type, default=None, help=help_text)
+
+
+def train_options(func):
+    """Attach one option per TrainConfig field."""
+    for field in reversed(dataclasses.fields(TrainConfig)):
+        option = _option_for(field)
+        if option is not None:
+            func.__click_params__ = getattr(func, "__click_params__", []) + [option]
+    return func
+
+
+def config_from_cli(ctx: click.Context, config_file: str | None, values: dict[str, Any]) -> TrainConfig:
+    """TOML file values, overridden by options the user actually typed."""
+    data: dict[str, Any] = read_toml(config_file) if config_file else {}
+    source = f"config file '{config_file}'" if config_file else "command line"
+    for key, value in values.items():
+        passed = ctx.get_parameter_source(key) not in (click.core.ParameterSource.DEFAULT, None)
+        if passed and value is not None and value != ():
+            data[key] = value
+    for flag, key in (("--base", "base"), ("--token", "token"), ("--class-noun", "class_noun"),
+                      ("--output", "output_dir"), ("INSTANCE_DIR", "instance_dir")):
+        if not data.get(key):
+            raise UserInputError(f"missing {flag} (give it on the command line or in --config)")
+    return TrainConfig.from_dict(data, source=source)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="lora-dreambooth")
+@click.option("-v", "--verbose", is_flag=True, help="Show debug messages.")
+def cli(verbose: bool) -> None:
+    """Teach Stable Diffusion v1.x a new subject from a few photos (DreamBooth + LoRA)."""
+    setup_logging(logging.DEBUG if verbose else logging.INFO)
+
+
+@cli.command(context_settings={"show_default": False})
+@click.argument("instance_dir", required=False)
+@click.option("--config", "config_file", type=click.Path(), help="TOML file holding any option; flags override it.")
+@train_options
+@click.pass_context
+def train(ctx: click.Context, instance_dir: str | None, config_file: str | None, **options: Any) -> None:
+    """Train a DreamBooth adapter on the photos in INSTANCE_DIR."""
+    from .training import train as run_training
+
+    options["instance_dir"] = instance_dir
+    config = config_from_cli(ctx, config_file, options)
+    result = run_training(config)
+    if result.interrupted:
+        click.echo(f"Interrupted at step {result.steps_done}/{result.total_steps}; checkpoint saved. "
+                   f"Resume with the same command plus --resume.", err=True)
+        sys.exit(130)
+    click.echo(f"Wrote {result.adapter_path}")
+
+
+@cli.command()
+@click.argument("adapter")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle files.")
+def inspect(adapter: str, as_json: bool, allow_pickle: bool) -> None:
+    """Print an adapter's metadata and tensor statistics."""
+    from .formats import inspect_adapter
+
+    info = inspect_adapter(adapter, allow_pickle=allow_pickle)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    click.echo(format_inspection(info))
+
+
+def format_inspection(info: dict[str, Any]) -> str:
+    """Human-readable `inspect` output."""
+    summary, tensors = info["summary"], info["tensors"]
+    lines = [f"{'file:':<20}{info['file']} ({info['file_bytes'] / 1e6:.2f} MB)"]
+    if not summary:
+        lines.append(f"{'metadata:':<20}none from lora-dreambooth (written by another tool)")
+    for key in ("token", "class_noun", "instance_prompt", "base_model", "variant", "rank", "alpha", "steps",
+                "resolution", "train_text_encoder", "version"):
+        if key in summary:
+            lines.append(f"{key + ':':<20}{summary[key]}")
+    lines.append(f"{'diffusers metadata:':<20}{'yes' if info['has_diffusers_metadata'] else 'no (loaders assume alpha = rank)'}")
+    comps = ", ".join(f"{k} {v}" for k, v in sorted(tensors["components"].items()))
+    lines.append(f"{'tensors:':<20}{tensors['keys']} keys ({comps}), {tensors['params']:,} params, "
+                 f"{tensors['bytes']:,} bytes, dtypes {tensors['dtypes']}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.option("--out", "out_dir", default="demo-output", show_default=True, help="Where to write everything.")
+@click.option("--base", default=None, help="A real SD v1.x base; default: a built-in tiny random base (offline).")
+@click.option("--steps", default=150, show_default=True, help="Training steps.")
+@click.option("--resolution", default=64, show_default=True, help="Training resolution.")
+def demo(out_dir: str, base: str | None, steps: int, resolution: int) -> None:
+    """Offline demo: build a tiny base, train on the bundled dog photos, write a sample grid."""
+    from .demo import run_demo
+
+    run_demo(Path(out_dir), base=base, steps=steps, resolution=resolution)
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.ERROR:
+            return f"Error: {message}"
+        if record.levelno >= logging.WARNING:
+            return f"Warning: {message}"
+        return message
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Our messages on stderr, one line each; library chatter stays quiet."""
+    logger = logging.getLogger("lora_dreambooth")
+    if not any(getattr(h, "_lora_dreambooth", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_Formatter())
+        handler._lora_dreambooth = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: maps our errors to exit codes and one-line messages."""
+    try:
+        cli.main(args=argv, prog_name="lora-dreambooth", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except UserInputError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    except TrainingDiverged as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

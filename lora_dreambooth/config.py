@@ -1,0 +1,221 @@
+"""`TrainConfig`: the one typed description of a training run.
+
+The same dataclass is filled from the command line, from a TOML file (`--config`), from Python, and is written
+back into `train_config.toml` beside the adapter and into the adapter file's metadata. Validation happens on
+creation, so a bad value fails before any model is loaded, with one line naming the option.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import UserInputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+CROPS = ("center", "random")
+SAVE_DTYPES = ("fp16", "bf16", "fp32")
+VARIANTS = ("lora", "dora", "rslora", "loha", "lokr")
+PRIOR_MODES = ("images", "model")
+PROFILES = ("auto", "fast", "low-memory", "plain")
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+STEPS_PER_IMAGE = 100
+MAX_DEFAULT_STEPS = 1500
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `lora-dreambooth train`. Field names are the TOML keys; CLI flags use dashes."""
+
+    instance_dir: str
+    base: str
+    token: str
+    class_noun: str
+    output_dir: str
+    instance_prompt: str | None = None  # default: "a photo of {token} {class}"
+    class_prompt: str | None = None  # default: "a photo of {class}"
+    # adapter
+    variant: str = "lora"
+    rank: int = 4
+    alpha: float | None = None  # default: = rank
+    train_text_encoder: bool = True
+    unet_target_modules: tuple[str, ...] = UNET_TARGETS
+    text_encoder_target_modules: tuple[str, ...] = TEXT_ENCODER_TARGETS
+    # prior preservation
+    prior: bool = True
+    prior_mode: str = "images"
+    prior_weight: float = 1.0
+    class_dir: str | None = None  # default: a cache folder keyed by base + class prompt + resolution
+    num_class_images: int = 100
+    class_inference_steps: int = 25
+    # optimisation
+    steps: int | None = None  # default: 100 per instance image, capped at 1500
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    lr: float = 1e-4
+    text_encoder_lr: float | None = None  # default: = lr
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    profile: str = "auto"
+    compile: bool = False
+    # data
+    resolution: int = 512
+    crop: str = "center"
+    flip: bool = False
+    skip_bad_images: bool = False
+    seed: int = 0
+    # run management
+    checkpoint_every: int = 0  # 0: no intermediate checkpoints
+    checkpoints_total_limit: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    save_dtype: str = "fp16"
+    log_every: int = 10
+    sample_prompts: tuple[str, ...] = ()
+    allow_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        self.unet_target_modules = tuple(self.unet_target_modules)
+        self.text_encoder_target_modules = tuple(self.text_encoder_target_modules)
+        self.sample_prompts = tuple(self.sample_prompts)
+        if self.alpha is None:
+            self.alpha = float(self.rank)
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`UserInputError` naming the first bad option."""
+        token = (self.token or "").strip()
+        noun = (self.class_noun or "").strip()
+        _require(bool(token), "--token must not be empty (pick a rare word such as 'sks')")
+        _require(bool(noun), "--class-noun must not be empty (e.g. 'dog', 'person', 'backpack')")
+        _require(token.lower() != noun.lower(),
+                 f"--token '{token}' equals --class-noun: the token must be a rare word that names this subject only")
+        _require(self.rank > 0, f"--rank must be a positive integer, got {self.rank}")
+        _require(self.alpha > 0, f"--alpha must be positive, got {self.alpha}")
+        _require(self.resolution > 0 and self.resolution % 8 == 0,
+                 f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        _require(self.steps is None or self.steps > 0, f"--steps must be positive, got {self.steps}")
+        _require(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        _require(self.text_encoder_lr is None or self.text_encoder_lr > 0,
+                 f"--text-encoder-lr must be positive, got {self.text_encoder_lr}")
+        _require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
+        _require(self.gradient_accumulation > 0, f"--gradient-accumulation must be positive, got {self.gradient_accumulation}")
+        _require(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        _require(self.num_class_images >= 0, f"--num-class-images must be >= 0, got {self.num_class_images}")
+        _require(self.class_inference_steps > 0, f"--class-inference-steps must be positive, got {self.class_inference_steps}")
+        _require(self.prior_weight >= 0, f"--prior-weight must be >= 0, got {self.prior_weight}")
+        _require(self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        _require(self.checkpoints_total_limit is None or self.checkpoints_total_limit > 0,
+                 f"--checkpoints-total-limit must be positive, got {self.checkpoints_total_limit}")
+        _require(self.log_every > 0, f"--log-every must be positive, got {self.log_every}")
+        _require(bool(self.unet_target_modules), "unet_target_modules must name at least one module")
+        for name, value, allowed in (
+            ("--mixed-precision", self.mixed_precision, MIXED_PRECISIONS),
+            ("--optimizer", self.optimizer, OPTIMIZERS),
+            ("--lr-scheduler", self.lr_scheduler, LR_SCHEDULERS),
+            ("--crop", self.crop, CROPS),
+            ("--save-dtype", self.save_dtype, SAVE_DTYPES),
+            ("--variant", self.variant, VARIANTS),
+            ("--prior-mode", self.prior_mode, PRIOR_MODES),
+            ("--profile", self.profile, PROFILES),
+        ):
+            _require(value in allowed, f"{name} must be one of {', '.join(allowed)}; got '{value}'")
+
+    # -- derived values ---------------------------------------------------------------------------------------
+    @property
+    def effective_instance_prompt(self) -> str:
+        """The instance prompt with `{token}`/`{class}` filled in."""
+        template = self.instance_prompt or "a photo of {token} {class}"
+        return fill_prompt(template, self.token, self.class_noun)
+
+    @property
+    def effective_class_prompt(self) -> str:
+        """The class (prior) prompt with `{class}` filled in."""
+        template = self.class_prompt or "a photo of {class}"
+        return fill_prompt(template, self.token, self.class_noun)
+
+    def total_steps(self, num_instance_images: int) -> int:
+        """`steps`, or the default of 100 per instance image capped at 1500."""
+        if self.steps is not None:
+            return self.steps
+        return min(STEPS_PER_IMAGE * max(num_instance_images, 1), MAX_DEFAULT_STEPS)
+
+    # -- (de)serialisation ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (tuples become lists, None values dropped: TOML has no null)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_toml(self) -> str:
+        """The config as TOML text (what `--config` reads back)."""
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+    def to_json(self) -> str:
+        """The config as compact JSON (stored in the adapter's safetensors metadata)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "TrainConfig":
+        """Build from a dict, rejecting unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserInputError(f"{source}: unknown option(s) {', '.join(unknown)}")
+        missing = [f.name for f in fields(cls) if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and f.name not in data]
+        if missing:
+            raise UserInputError(f"{source}: missing required option(s) {', '.join(missing)}")
+        try:
+            return cls(**dict(data))
+        except TypeError as exc:  # wrong value type reaching a comparison
+            raise UserInputError(f"{source}: {exc}") from None
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def fill_prompt(template: str, token: str, class_noun: str) -> str:
+    """Replace `{token}` and `{class}` placeholders (other braces are left alone)."""
+    return template.replace("{token}", token).replace("{class}", class_noun)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file; a missing or malformed file is a one-line error naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserInputError(f"config file '{p}' does not exist")
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserInputError(f"config file '{p}' is not valid TOML: {exc}") from None
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserInputError(message)

@@ -1,0 +1,133 @@
+"""Training examples: photos + prompts, resized and cropped, encoded once to latents, sampled deterministically."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .images import find_images, load_images
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Example:
+    """One training image (already RGB, short side = resolution) and the prompt it is trained with."""
+
+    path: Path
+    image: Image.Image
+    prompt: str
+
+
+def load_examples(folder: str | Path, prompt: str, resolution: int, *, what: str = "instance folder",
+                  skip_bad: bool = False) -> list[Example]:
+    """Find, validate and decode every photo in `folder`, resize its short side to `resolution`."""
+    paths = find_images(folder, what=what)
+    loaded = load_images(paths, min_size=resolution, skip_bad=skip_bad)
+    return [Example(path, resize_short_side(image, resolution), prompt) for path, image in loaded]
+
+
+def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is `size` (bicubic; Lanczos when shrinking a lot)."""
+    w, h = image.size
+    scale = size / min(w, h)
+    if scale == 1:
+        return image
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    resample = Image.LANCZOS if scale < 0.5 else Image.BICUBIC
+    return image.resize(new, resample)
+
+
+def crop_box(image: Image.Image, size: int, *, random_crop: bool, generator: torch.Generator | None = None
+             ) -> tuple[int, int, int, int]:
+    """A `size`x`size` box: centred, or at a position drawn from `generator`."""
+    w, h = image.size
+    if random_crop:
+        left = int(torch.randint(0, w - size + 1, (1,), generator=generator)) if w > size else 0
+        top = int(torch.randint(0, h - size + 1, (1,), generator=generator)) if h > size else 0
+    else:
+        left, top = (w - size) // 2, (h - size) // 2
+    return left, top, left + size, top + size
+
+
+def to_pixels(image: Image.Image, size: int, *, flip: bool = False, random_crop: bool = False,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """A float tensor (3, size, size) in [-1, 1], as the SD VAE expects."""
+    crop = image.crop(crop_box(image, size, random_crop=random_crop, generator=generator))
+    array = np.asarray(crop, dtype=np.float32) / 127.5 - 1.0
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    return tensor.flip(-1) if flip else tensor
+
+
+@torch.no_grad()
+def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor, *, generator: torch.Generator | None = None,
+                   batch_size: int = 8) -> torch.Tensor:
+    """VAE latents (already multiplied by the scaling factor) of a pixel batch, in fp32, chunked."""
+    device = next(vae.parameters()).device
+    dtype = next(vae.parameters()).dtype
+    out = []
+    for chunk in pixels.split(batch_size):
+        dist = vae.encode(chunk.to(device, dtype)).latent_dist
+        sample = dist.sample(generator=generator) if generator is not None else dist.mean
+        out.append(sample.float() * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+class LatentCache:
+    """Latents of every example encoded once (both orientations when flipping), so the VAE leaves the loop."""
+
+    def __init__(self, vae: torch.nn.Module, examples: list[Example], resolution: int, *, flip: bool,
+                 seed: int, device: torch.device | str):
+        generator = torch.Generator(device=next(vae.parameters()).device).manual_seed(seed)
+        pixels = torch.stack([to_pixels(e.image, resolution) for e in examples])
+        self.plain = encode_latents(vae, pixels, generator=generator).to(device)
+        self.flipped = encode_latents(vae, pixels.flip(-1), generator=generator).to(device) if flip else None
+
+    def __len__(self) -> int:
+        return self.plain.shape[0]
+
+    def batch(self, indices: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """Latents for `indices`, taking the mirrored encoding where `flips` is true."""
+        indices = indices.to(self.plain.device)
+        latents = self.plain[indices]
+        if self.flipped is not None:
+            mirrored = self.flipped[indices]
+            latents = torch.where(flips.to(latents.device).view(-1, 1, 1, 1), mirrored, latents)
+        return latents
+
+
+@dataclass
+class EpochSampler:
+    """Stateless, resumable sampling: batch `step` of rank `rank` is a pure function of (seed, step).
+
+    Every epoch is a fresh permutation drawn from `seed + epoch`; ranks take consecutive slices of the global
+    batch, so resuming at any step (or on another number of processes) sees the same data order.
+    """
+
+    num_items: int
+    batch_size: int
+    seed: int
+    flip: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    def indices(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, flip flags) of this rank's share of global batch number `step`."""
+        global_batch = self.batch_size * self.world_size
+        start = step * global_batch + self.rank * self.batch_size
+        positions = range(start, start + self.batch_size)
+        idx, flips = [], []
+        cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for pos in positions:
+            epoch, offset = divmod(pos, self.num_items)
+            if epoch not in cache:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                cache[epoch] = (torch.randperm(self.num_items, generator=g), torch.rand(self.num_items, generator=g))
+            perm, coins = cache[epoch]
+            idx.append(int(perm[offset]))
+            flips.append(bool(coins[offset] < 0.5) and self.flip)
+        return torch.tensor(idx, dtype=torch.long), torch.tensor(flips, dtype=torch.bool)

@@ -1,0 +1,155 @@
+"""Loading the frozen Stable Diffusion v1.x base: local folders and hub ids, offline-friendly, with clear errors."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class BaseModel:
+    """The pieces of an SD v1.x pipeline that training and generation need."""
+
+    base: str
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    noise_scheduler: Any
+
+    def pipeline(self, scheduler: Any | None = None):
+        """A StableDiffusionPipeline over these very modules (no copy): adapters injected later show up in it."""
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+        if scheduler is None:
+            scheduler = DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config)
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def quiet_library_progress() -> None:
+    """Silence the per-shard progress bars of transformers/diffusers loaders (our own bar is enough)."""
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        tlog.disable_progress_bar()
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+        dlog.set_verbosity_error()
+    except Exception:  # pragma: no cover - cosmetic only
+        pass
+
+
+def check_base_folder(folder: Path, *, allow_pickle: bool = False) -> None:
+    """Raise a one-line error unless `folder` is a diffusers SD v1.x pipeline folder."""
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        if folder.suffix.lower() in (".safetensors", ".ckpt") or folder.is_file():
+            raise UserInputError(
+                f"base model '{folder}' is a single file; pass a diffusers folder (model_index.json, unet/, vae/, ...)"
+            )
+        raise UserInputError(f"base model folder '{folder}' has no model_index.json: not a diffusers pipeline folder")
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"base model '{folder}': model_index.json is unreadable ({exc})") from None
+    class_name = str(index.get("_class_name", ""))
+    if "XL" in class_name or "text_encoder_2" in index:
+        raise UserInputError(f"base model '{folder}' is SDXL ({class_name}): only Stable Diffusion v1.x is supported")
+    missing = [name for name in REQUIRED_SUBFOLDERS if not (folder / name).is_dir()]
+    if missing:
+        raise UserInputError(f"base model '{folder}' is not an SD v1 pipeline: missing {', '.join(missing)}")
+    unet_config = _read_json(folder / "unet" / "config.json")
+    if unet_config.get("use_linear_projection") or unet_config.get("cross_attention_dim") == 1024:
+        raise UserInputError(
+            f"base model '{folder}' looks like Stable Diffusion 2.x (1024-wide text conditioning): only v1.x is supported"
+        )
+    if not allow_pickle:
+        for sub in ("unet", "vae", "text_encoder"):
+            files = [p for p in (folder / sub).iterdir() if p.is_file()]
+            has_safe = any(p.suffix == ".safetensors" for p in files)
+            if not has_safe and any(p.suffix in PICKLE_SUFFIXES for p in files):
+                raise UserInputError(
+                    f"base model '{folder}/{sub}' holds only pickle weights (.bin): pass --allow-pickle if you trust it"
+                )
+            if not has_safe:
+                raise UserInputError(f"base model '{folder}/{sub}' holds no weights file")
+
+
+def resolve_base(base: str, *, allow_pickle: bool = False) -> str:
+    """Return a loadable location for `base` (a local folder or a hub id), with clear errors for bad paths."""
+    path = Path(base).expanduser()
+    if path.exists():
+        check_base_folder(path, allow_pickle=allow_pickle)
+        return str(path)
+    if not _HUB_ID.match(base):
+        raise UserInputError(f"base model '{base}' does not exist (expected a diffusers folder or a hub id like 'org/name')")
+    return base
+
+
+def load_base(base: str, *, allow_pickle: bool = False) -> BaseModel:
+    """Load tokenizer, text encoder, UNet, VAE and the DDPM noise scheduler of an SD v1.x base in fp32 on the CPU.
+
+    Callers move and cast afterwards (the recipe decides devices and dtypes). A hub id that cannot be reached
+    fails with one line instead of a long connection traceback.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    quiet_library_progress()
+    location = resolve_base(base, allow_pickle=allow_pickle)
+    use_safetensors = None if allow_pickle else True
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
+        noise_scheduler = DDPMScheduler.from_pretrained(location, subfolder="scheduler")
+        text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", use_safetensors=use_safetensors)
+        unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", use_safetensors=use_safetensors)
+        vae = AutoencoderKL.from_pretrained(location, subfolder="vae", use_safetensors=use_safetensors)
+    except UserInputError:
+        raise
+    except Exception as exc:  # network, missing files, wrong layout: one line for the user
+        raise UserInputError(_describe_load_failure(base, location, exc)) from None
+    if getattr(unet.config, "cross_attention_dim", None) == 1024:
+        raise UserInputError(f"base model '{base}' is Stable Diffusion 2.x: only v1.x is supported")
+    for module in (text_encoder, unet, vae):
+        module.requires_grad_(False)
+        module.eval()
+    return BaseModel(base=base, tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
+                     noise_scheduler=noise_scheduler)
+
+
+def _describe_load_failure(base: str, location: str, exc: Exception) -> str:
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if not Path(location).exists():
+        if os.environ.get("HF_HUB_OFFLINE") or any(s in text for s in ("connect", "Connection", "offline", "resolve",
+                                                                       "Max retries", "Temporary failure", "Network")):
+            return (f"cannot load base model '{base}': it is not a local folder and the model hub is unreachable "
+                    f"(offline?); pass a local diffusers folder with --base")
+        return f"cannot load base model '{base}' from the model hub: {text[:200]}"
+    return f"cannot load base model '{base}': {text[:200]}"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

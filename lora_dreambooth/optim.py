@@ -1,0 +1,33 @@
+"""Optimizers and learning-rate schedules for adapter parameters."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def build_optimizer(name: str, groups: list[dict[str, Any]], *, weight_decay: float, device: torch.device
+                    ) -> torch.optim.Optimizer:
+    """`adamw` (fused on CUDA) or `adamw8bit` (bitsandbytes; falls back to AdamW with a warning)."""
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(groups, weight_decay=weight_decay)
+        except Exception as exc:  # missing package, or a broken native library
+            log.warning("bitsandbytes cannot load (%s); using torch AdamW instead of adamw8bit",
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=fused)
+
+
+def build_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int,
+                       num_processes: int = 1):
+    """diffusers' schedule by name. accelerate steps a prepared scheduler once per process, hence the scaling."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps * num_processes,
+                         num_training_steps=total_steps * num_processes)

@@ -1,0 +1,107 @@
+"""Class images for prior preservation: generated once with the frozen base, cached, never regenerated."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .formats import atomic_path, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+CLASS_IMAGE_PATTERN = "class-{index:05d}.png"
+
+
+def default_cache_root() -> Path:
+    """`$LORA_DREAMBOOTH_CACHE` or `~/.cache/lora-dreambooth`."""
+    env = os.environ.get("LORA_DREAMBOOTH_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "lora-dreambooth"
+
+
+def default_class_dir(base: str, class_prompt: str, resolution: int) -> Path:
+    """A cache folder keyed by base model, class prompt and resolution."""
+    base_key = str(Path(base).expanduser().resolve()) if Path(base).expanduser().exists() else base
+    digest = hashlib.sha256(f"{base_key}\n{class_prompt}\n{resolution}".encode()).hexdigest()[:16]
+    slug = "".join(c if c.isalnum() else "-" for c in class_prompt)[:40].strip("-")
+    return default_cache_root() / "class-images" / f"{slug}-{digest}"
+
+
+@dataclass
+class ClassImagePlan:
+    """How many class images exist and which indices still need generating."""
+
+    folder: Path
+    existing: int
+    missing_indices: list[int]
+
+
+def plan_class_images(folder: Path, wanted: int, *, rank: int = 0, world_size: int = 1) -> ClassImagePlan:
+    """Count usable images in `folder`; the missing ones get the next free indices, split across ranks."""
+    from .images import IMAGE_EXTENSIONS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    present = sorted(p for p in folder.iterdir()
+                     if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+    missing_count = max(0, wanted - len(present))
+    taken = {p.name for p in present}
+    indices: list[int] = []
+    index = 0
+    while len(indices) < missing_count:
+        if CLASS_IMAGE_PATTERN.format(index=index) not in taken:
+            indices.append(index)
+        index += 1
+    return ClassImagePlan(folder, len(present), indices[rank::world_size])
+
+
+@torch.no_grad()
+def generate_class_images(pipeline_factory: Callable[[], object], plan: ClassImagePlan, *, prompt: str,
+                          resolution: int, steps: int, seed: int, batch_size: int = 4,
+                          progress: Callable[[int], None] | None = None) -> int:
+    """Generate the images of `plan.missing_indices` (index i always uses seed + i), each written atomically."""
+    if not plan.missing_indices:
+        return 0
+    pipe = pipeline_factory()
+    device = pipe.unet.device
+    done = 0
+    for start in range(0, len(plan.missing_indices), batch_size):
+        chunk = plan.missing_indices[start:start + batch_size]
+        generators = [torch.Generator(device=device).manual_seed(seed + i) for i in chunk]
+        images = pipe(prompt=[prompt] * len(chunk), height=resolution, width=resolution,
+                      num_inference_steps=steps, generator=generators).images
+        for index, image in zip(chunk, images):
+            with atomic_path(plan.folder / CLASS_IMAGE_PATTERN.format(index=index)) as tmp:
+                image.save(tmp, format="PNG")
+        done += len(chunk)
+        if progress:
+            progress(len(chunk))
+    return done
+
+
+def write_manifest(folder: Path, *, base: str, prompt: str, resolution: int, seed: int, steps: int) -> None:
+    """Record how the class images were made (base, prompt, count, seed) beside them."""
+    from .images import IMAGE_EXTENSIONS
+
+    count = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    manifest = {"base": base, "prompt": prompt, "resolution": resolution, "seed": seed,
+                "inference_steps": steps, "count": count}
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+def check_manifest(folder: Path, *, prompt: str) -> None:
+    """Warn when a reused class folder was made for another prompt."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        made_for = json.loads(path.read_text()).get("prompt")
+    except ValueError:
+        return
+    if made_for and made_for != prompt:
+        log.warning("class images in '%s' were generated for prompt '%s', not '%s'", folder, made_for, prompt)

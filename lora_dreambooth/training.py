@@ -1,0 +1,381 @@
+"""The DreamBooth LoRA training recipe: setup -> loop -> save, reading top to bottom.
+
+Built from components that know nothing about this recipe (data, priors, models, adapters, losses, checkpoints,
+formats). accelerate owns devices, mixed precision, DDP and checkpoint state; peft owns the adapters; diffusers
+owns the file layout. Randomness is a pure function of (seed, step, rank), so a resumed run is bit-identical.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .adapters import get_variant, inject_adapters, trainable_parameters
+from .checkpoints import (check_resume_compatible, install_adapter_hooks, latest_checkpoint, read_checkpoint_state,
+                          save_checkpoint)
+from .config import TrainConfig
+from .data import EpochSampler, LatentCache, load_examples
+from .errors import TrainingDiverged, UserInputError
+from .formats import ADAPTER_FILENAME, save_adapter, write_text_atomic
+from .losses import denoising_target, dreambooth_loss
+from .models import load_base
+from .optim import build_lr_scheduler, build_optimizer
+from .priors import check_manifest, default_class_dir, generate_class_images, plan_class_images, write_manifest
+
+log = logging.getLogger(__name__)
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run produced."""
+
+    adapter_path: Path | None
+    steps_done: int
+    total_steps: int
+    last_loss: float | None
+    interrupted: bool = False
+
+
+class DreamBoothRecipe:
+    """One training run. `setup()` builds everything, `train()` runs the loop, `save()` writes the adapter."""
+
+    def __init__(self, config: TrainConfig):
+        self.cfg = config
+        self.out = Path(config.output_dir)
+        self.start_step = 0
+        self.stop_requested = False
+
+    # -- setup ------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Check the output folder, load data and base, make class images, cache latents, inject adapters."""
+        self._check_output_dir()
+        self.accelerator = self._make_accelerator()
+        self.device = self.accelerator.device
+        self.weight_dtype = WEIGHT_DTYPES[self.cfg.mixed_precision]
+        self.instance = load_examples(self.cfg.instance_dir, self.cfg.effective_instance_prompt, self.cfg.resolution,
+                                      skip_bad=self.cfg.skip_bad_images)
+        self.total_steps = self.cfg.total_steps(len(self.instance))
+        self.base = load_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle)
+        self.use_prior = self.cfg.prior and self.cfg.prior_weight > 0
+        if self.use_prior:
+            self.class_examples = self._prepare_class_images()
+        self._cache_latents()
+        self._prepare_text()
+        self._inject_adapters()
+        self._prepare_optimization()
+        self._maybe_resume()
+
+    def _check_output_dir(self) -> None:
+        finished = self.out / ADAPTER_FILENAME
+        if finished.exists() and not (self.cfg.overwrite or self.cfg.resume):
+            raise UserInputError(f"output folder '{self.out}' already holds a finished adapter; "
+                                 f"pass --overwrite to replace it or choose another --output")
+        if self.out.exists() and not self.out.is_dir():
+            raise UserInputError(f"--output '{self.out}' exists and is not a folder")
+        if self.cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise UserInputError("--mixed-precision fp16 needs a CUDA GPU; on this machine use bf16 or no")
+
+    def _make_accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        log_with = "tensorboard" if _has_tensorboard() else None
+        accelerator = Accelerator(
+            mixed_precision=self.cfg.mixed_precision,
+            gradient_accumulation_steps=self.cfg.gradient_accumulation,
+            log_with=log_with,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+        )
+        set_seed(self.cfg.seed)
+        if accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if log_with:
+                accelerator.init_trackers("lora-dreambooth", config=_flat_scalars(self.cfg.to_dict()))
+        return accelerator
+
+    def _prepare_class_images(self) -> list:
+        """Generate the missing class images with the frozen base (split across ranks), then load them all."""
+        cfg, acc = self.cfg, self.accelerator
+        folder = Path(cfg.class_dir) if cfg.class_dir else default_class_dir(cfg.base, cfg.effective_class_prompt,
+                                                                            cfg.resolution)
+        check_manifest(folder, prompt=cfg.effective_class_prompt)
+        plan = plan_class_images(folder, cfg.num_class_images, rank=acc.process_index, world_size=acc.num_processes)
+        if plan.missing_indices or plan.existing < cfg.num_class_images:
+            log.info("class images: %d in '%s', generating %d on this process", plan.existing, folder,
+                     len(plan.missing_indices))
+        self.base.unet.to(self.device, self.weight_dtype)
+        self.base.text_encoder.to(self.device, self.weight_dtype)
+        self.base.vae.to(self.device, torch.float32)
+        generate_class_images(self.base.pipeline, plan, prompt=cfg.effective_class_prompt, resolution=cfg.resolution,
+                              steps=cfg.class_inference_steps, seed=cfg.seed * 7919 + 1)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            write_manifest(folder, base=cfg.base, prompt=cfg.effective_class_prompt, resolution=cfg.resolution,
+                           seed=cfg.seed, steps=cfg.class_inference_steps)
+        examples = load_examples(folder, cfg.effective_class_prompt, cfg.resolution, what="class image folder",
+                                 skip_bad=True)
+        return examples[: max(cfg.num_class_images, 1)]
+
+    def _cache_latents(self) -> None:
+        """Encode every image once with an fp32 VAE, then move the VAE off the accelerator."""
+        vae = self.base.vae.to(self.device, torch.float32)
+        self.instance_latents = LatentCache(vae, self.instance, self.cfg.resolution, flip=self.cfg.flip,
+                                            seed=self.cfg.seed, device=self.device)
+        self.class_latents = None
+        if self.use_prior:
+            self.class_latents = LatentCache(vae, self.class_examples, self.cfg.resolution, flip=self.cfg.flip,
+                                             seed=self.cfg.seed + 1, device=self.device)
+        self.base.vae.to("cpu")
+        acc = self.accelerator
+        self.instance_sampler = EpochSampler(len(self.instance), self.cfg.batch_size, self.cfg.seed, self.cfg.flip,
+                                             acc.process_index, acc.num_processes)
+        if self.use_prior:
+            self.class_sampler = EpochSampler(len(self.class_examples), self.cfg.batch_size, self.cfg.seed + 1,
+                                              self.cfg.flip, acc.process_index, acc.num_processes)
+
+    def _prepare_text(self) -> None:
+        """Tokenize every prompt once; with a frozen text encoder also cache its hidden states."""
+        tokenizer = self.base.tokenizer
+        prompts = sorted({e.prompt for e in self.instance} | ({self.cfg.effective_class_prompt} if self.use_prior
+                                                               else set()))
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(self.device)
+        self.prompt_row = {p: i for i, p in enumerate(prompts)}
+        self.prompt_ids = ids
+        self.instance_rows = torch.tensor([self.prompt_row[e.prompt] for e in self.instance], device=self.device)
+        self.class_row = self.prompt_row.get(self.cfg.effective_class_prompt, 0)
+        self.cached_text = None
+        if not self.cfg.train_text_encoder:
+            te = self.base.text_encoder.to(self.device, self.weight_dtype)
+            with torch.no_grad():
+                self.cached_text = te(ids)[0].to(self.weight_dtype)
+            te.to("cpu")
+
+    def _inject_adapters(self) -> None:
+        cfg = self.cfg
+        unet = self.base.unet.to(self.device, self.weight_dtype)
+        text_encoder = self.base.text_encoder.to(self.device, self.weight_dtype) if cfg.train_text_encoder else None
+        self.variant = get_variant(cfg.variant)
+        self.adapters = inject_adapters(unet, text_encoder, self.variant, rank=cfg.rank, alpha=cfg.alpha,
+                                        unet_targets=cfg.unet_target_modules,
+                                        text_encoder_targets=cfg.text_encoder_target_modules)
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            if text_encoder is not None:
+                text_encoder.gradient_checkpointing_enable()
+
+    def _prepare_optimization(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        groups = [{"params": trainable_parameters(self.base.unet), "lr": cfg.lr}]
+        if cfg.train_text_encoder:
+            groups.append({"params": trainable_parameters(self.base.text_encoder), "lr": cfg.text_encoder_lr or cfg.lr})
+        optimizer = build_optimizer(cfg.optimizer, groups, weight_decay=cfg.weight_decay, device=self.device)
+        scheduler = build_lr_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=cfg.warmup_steps,
+                                       total_steps=self.total_steps, num_processes=acc.num_processes)
+        install_adapter_hooks(acc)
+        models = [self.base.unet] + ([self.base.text_encoder] if cfg.train_text_encoder else [])
+        prepared = acc.prepare(*models, optimizer, scheduler)
+        self.unet = prepared[0]
+        self.text_encoder = prepared[1] if cfg.train_text_encoder else None
+        self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
+        self.params = [p for group in groups for p in group["params"]]
+
+    def _maybe_resume(self) -> None:
+        if not self.cfg.resume:
+            return
+        checkpoint = latest_checkpoint(self.out)
+        if checkpoint is None:
+            log.warning("--resume: no checkpoint in '%s'; starting from step 0", self.out)
+            return
+        state = read_checkpoint_state(checkpoint)
+        check_resume_compatible(state["config"], self.cfg.to_dict(), checkpoint)
+        self.accelerator.load_state(str(checkpoint))
+        self.start_step = int(state["step"])
+        log.info("resumed from '%s' at step %d", checkpoint, self.start_step)
+
+    # -- loop -------------------------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        """Run optimizer steps from `start_step` to `total_steps`, checkpointing and logging on the way."""
+        cfg, acc = self.cfg, self.accelerator
+        bar = _progress(self.total_steps, self.start_step, disabled=not acc.is_main_process)
+        loss_sum = torch.zeros((), device=self.device)
+        first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
+        last_loss, window_start, step = None, time.perf_counter(), self.start_step
+        with _stop_on_signals(self):
+            for step in range(self.start_step, self.total_steps):
+                for micro in range(cfg.gradient_accumulation):
+                    loss = self._micro_step(step * cfg.gradient_accumulation + micro)
+                    loss_sum += loss.detach()
+                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
+                                            torch.tensor(step, device=self.device), first_bad)
+                done = step + 1
+                if done % cfg.log_every == 0 or done == self.total_steps or self.stop_requested:
+                    last_loss = self._report(loss_sum, first_bad, done, bar, window_start)
+                    loss_sum.zero_()
+                    window_start = time.perf_counter()
+                bar.update(1)
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < self.total_steps:
+                    save_checkpoint(acc, self.out, done, cfg.to_dict(), cfg.checkpoints_total_limit)
+                if self.stop_requested:
+                    save_checkpoint(acc, self.out, done, cfg.to_dict(), cfg.checkpoints_total_limit)
+                    bar.close()
+                    return TrainResult(None, done, self.total_steps, last_loss, interrupted=True)
+        bar.close()
+        return TrainResult(None, self.total_steps, self.total_steps, last_loss)
+
+    def _micro_step(self, micro_index: int) -> torch.Tensor:
+        """Forward, loss and backward for one micro-batch; the optimizer steps when accumulation is complete."""
+        acc = self.accelerator
+        with acc.accumulate(*[m for m in (self.unet, self.text_encoder) if m is not None]):
+            latents, rows = self._batch(micro_index)
+            noise, timesteps = self._noise(latents, micro_index)
+            noisy = self.base.noise_scheduler.add_noise(latents, noise, timesteps)
+            if self.text_encoder is not None:
+                hidden = self.text_encoder(self.prompt_ids[rows])[0]
+            else:
+                hidden = self.cached_text[rows]
+            prediction = self.unet(noisy.to(self.weight_dtype), timesteps, hidden).sample
+            target = denoising_target(self.base.noise_scheduler, latents, noise, timesteps)
+            loss, _, _ = dreambooth_loss(prediction, target, self.cfg.batch_size, self.cfg.prior_weight)
+            acc.backward(loss)
+            if acc.sync_gradients and self.cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def _batch(self, micro_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents and prompt rows of this rank's micro-batch: instance images first, then class images."""
+        idx, flips = self.instance_sampler.indices(micro_index)
+        latents = self.instance_latents.batch(idx, flips)
+        rows = self.instance_rows[idx.to(self.device)]
+        if self.use_prior:
+            cidx, cflips = self.class_sampler.indices(micro_index)
+            latents = torch.cat([latents, self.class_latents.batch(cidx, cflips)])
+            rows = torch.cat([rows, torch.full_like(rows, self.class_row)])
+        return latents, rows
+
+    def _noise(self, latents: torch.Tensor, micro_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and timesteps drawn from a generator seeded by (seed, micro-batch, rank): resumable, no global RNG."""
+        acc = self.accelerator
+        g = torch.Generator(device=latents.device)
+        g.manual_seed((self.cfg.seed * 1_000_003 + micro_index) * 1009 + acc.process_index)
+        noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
+        num_train = self.base.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_train, (latents.shape[0],), generator=g, device=latents.device)
+        return noise, timesteps
+
+    def _report(self, loss_sum: torch.Tensor, first_bad: torch.Tensor, done: int, bar: Any, since: float) -> float:
+        """Sync once per logging window: mean loss, NaN guard, TensorBoard, progress bar postfix."""
+        steps = (done - 1) % self.cfg.log_every + 1
+        loss = float(loss_sum) / (steps * self.cfg.gradient_accumulation)
+        bad = int(first_bad)
+        if bad >= 0:
+            raise TrainingDiverged(
+                f"loss became NaN/inf at step {bad + 1}; the adapter was not saved (last good checkpoint kept). "
+                f"Try --mixed-precision bf16 (fp16 overflows), a lower --lr, or --mixed-precision no")
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.accelerator.log({"loss": loss, "lr": lr}, step=done)
+        rate = steps / max(time.perf_counter() - since, 1e-9)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", its=f"{rate:.2f}")
+        return loss
+
+    # -- save -------------------------------------------------------------------------------------------------
+    def save(self, result: TrainResult) -> TrainResult:
+        """Write the adapter (diffusers layout + metadata), `train_config.toml`, and optional sample images."""
+        acc, cfg = self.accelerator, self.cfg
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            unet = acc.unwrap_model(self.unet)
+            te = acc.unwrap_model(self.text_encoder) if self.text_encoder is not None else None
+            result.adapter_path = save_adapter(self.out, unet, te, summary=self.summary(result.steps_done),
+                                               save_dtype=cfg.save_dtype)
+            write_text_atomic(self.out / "train_config.toml", cfg.to_toml())
+            if cfg.sample_prompts:
+                self._write_samples()
+        acc.end_training()
+        return result
+
+    def summary(self, steps_done: int) -> dict[str, Any]:
+        """Our metadata block: what a user (or the app) needs to know about this adapter."""
+        cfg = self.cfg
+        return {
+            "token": cfg.token, "class_noun": cfg.class_noun, "instance_prompt": cfg.effective_instance_prompt,
+            "class_prompt": cfg.effective_class_prompt, "base_model": cfg.base, "variant": cfg.variant,
+            "rank": cfg.rank, "alpha": cfg.alpha, "steps": steps_done, "resolution": cfg.resolution,
+            "train_text_encoder": cfg.train_text_encoder, "num_instance_images": len(self.instance),
+            "package": "lora-dreambooth", "version": __version__, "config": cfg.to_dict(),
+        }
+
+    def _write_samples(self) -> None:
+        from .sampling import save_sample_grid
+
+        pipe = self.base.pipeline()
+        pipe.vae.to(self.device, torch.float32)
+        save_sample_grid(pipe, list(self.cfg.sample_prompts), self.out / "samples.png", seed=self.cfg.seed,
+                         size=self.cfg.resolution)
+        pipe.vae.to("cpu")
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run a whole training job (the Python API behind `lora-dreambooth train`)."""
+    recipe = DreamBoothRecipe(config)
+    recipe.setup()
+    result = recipe.train()
+    if result.interrupted:
+        recipe.accelerator.end_training()
+        return result
+    return recipe.save(result)
+
+
+# -- small helpers the recipe uses -------------------------------------------------------------------------------
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _flat_scalars(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in values.items()}
+
+
+def _progress(total: int, initial: int, *, disabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=disabled, dynamic_ncols=True)
+
+
+class _stop_on_signals:
+    """SIGINT/SIGTERM set `recipe.stop_requested`: the loop checkpoints and returns instead of dying mid-write."""
+
+    def __init__(self, recipe: DreamBoothRecipe):
+        self.recipe = recipe
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.recipe.stop_requested:  # second Ctrl-C: give up immediately
+                raise KeyboardInterrupt
+            self.recipe.stop_requested = True
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self.previous.items():
+            signal.signal(sig, old)
+        return False
