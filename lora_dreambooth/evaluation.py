@@ -308,7 +308,9 @@ def _load_clip(name: str, device: str | torch.device) -> ClipEmbedder:
     def load(source: str, local_files_only: bool) -> ClipEmbedder:
         model_type = AutoConfig.from_pretrained(source, local_files_only=local_files_only).model_type
         if model_type != "clip":
-            raise UserInputError(f"cannot load CLIP model '{name}': its config is model type '{model_type}', not 'clip'")
+            raise UserInputError(
+                f"cannot load CLIP model '{name}': its config is model type '{model_type}', not 'clip'"
+            )
         model = CLIPModel.from_pretrained(source, local_files_only=local_files_only)
         processor = CLIPProcessor.from_pretrained(source, local_files_only=local_files_only)
         return ClipEmbedder(model.to(device), processor, name)
@@ -745,7 +747,8 @@ def render_contact_sheet(
         if base_scores is not None:
             label.append(_metric_line("base ", base_prompt_rows.get(row["prompt"])))
         prompt_rows.append(("\n".join(label), adapter_files.get(row["prompt"], []), base_files.get(row["prompt"], [])))
-    sheet = Image.new("RGB", (label_width + columns * step + pad, header + (len(prompt_rows) + 1) * step + pad), "white")
+    size = (label_width + columns * step + pad, header + (len(prompt_rows) + 1) * step + pad)
+    sheet = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(sheet)
     rows = [("real photos", real_files, [])] + prompt_rows
     for r, (label, files, base) in enumerate(rows):
@@ -759,7 +762,8 @@ def render_contact_sheet(
     header_top = pad + step + 2
     draw.text((label_width, header_top), "with adapter" if base_cols else "generated", fill="black", font=font)
     if base_cols:
-        draw.text((label_width + (adapter_cols + 1) * step, header_top), "base model (adapter off)", fill="black", font=font)
+        base_left = label_width + (adapter_cols + 1) * step
+        draw.text((base_left, header_top), "base model (adapter off)", fill="black", font=font)
     return sheet
 
 
@@ -851,7 +855,8 @@ def save_tiny_metric_models(out_dir: str | Path, seed: int = 0, image_size: int 
     """Random tiny CLIP and ViT (DINO-shaped) models with processors, saved as ``out_dir/clip`` and
     ``out_dir/dino`` folders that :func:`load_metric_models` loads offline. For tests and demos only: their
     scores mean nothing."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, ViTConfig, ViTImageProcessor, ViTModel
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, ViTConfig,
+                              ViTImageProcessor, ViTModel)
 
     from .tiny import build_tiny_tokenizer
 
