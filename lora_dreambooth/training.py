@@ -87,6 +87,7 @@ class DreamBoothRecipe:
         from accelerate.utils import ProjectConfiguration, set_seed
 
         log_with = "tensorboard" if _has_tensorboard() else None
+        _reset_single_process_state()
         accelerator = Accelerator(
             mixed_precision=self.cfg.mixed_precision,
             gradient_accumulation_steps=self.cfg.gradient_accumulation,
@@ -112,7 +113,7 @@ class DreamBoothRecipe:
                      len(plan.missing_indices))
         self.base.unet.to(self.device, self.weight_dtype)
         self.base.text_encoder.to(self.device, self.weight_dtype)
-        self.base.vae.to(self.device, torch.float32)
+        self.base.vae.to(self.device, self.weight_dtype)  # the pipeline feeds UNet-dtype latents to the VAE
         generate_class_images(self.base.pipeline, plan, prompt=cfg.effective_class_prompt, resolution=cfg.resolution,
                               steps=cfg.class_inference_steps, seed=cfg.seed * 7919 + 1)
         acc.wait_for_everyone()
@@ -343,6 +344,20 @@ def _has_tensorboard() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _reset_single_process_state() -> None:
+    """Let one Python process run several trainings (tests, the synthetic benchmark, notebooks).
+
+    accelerate keeps a process-wide singleton that refuses a second, different `mixed_precision`; outside a
+    multi-process launch nothing else shares it, so it is safe to start afresh.
+    """
+    import os
+
+    from accelerate.state import AcceleratorState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _flat_scalars(values: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny random SD v1 base saved like a real one, the bundled photos, a CLI runner."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_dreambooth.demo import example_photos
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A random tiny StableDiffusionPipeline written with save_pretrained (offline)."""
+    from lora_dreambooth.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-base") / "base", seed=0)
+
+
+@pytest.fixture(scope="session")
+def dog_dir() -> Path:
+    """The bundled, downscaled DreamBooth dog photos (CC BY 4.0, see ATTRIBUTION.md)."""
+    return example_photos("dog")
+
+
+@pytest.fixture(scope="session")
+def cat_dir() -> Path:
+    return example_photos("cat")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Class-image caches go to the test's tmp dir, never to ~/.cache."""
+    monkeypatch.setenv("LORA_DREAMBOOTH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path | None = None
+            ) -> subprocess.CompletedProcess:
+    """Run `python -m lora_dreambooth ARGS` in a subprocess (the real entry point), capturing output."""
+    full_env = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "lora_dreambooth", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=cwd)
+
+
+def small_train_args(instance_dir: Path, base: Path, out: Path, *extra: str) -> list[str]:
+    """A fast training command line for the tiny base (32 px, few steps, 2 class images)."""
+    return ["train", str(instance_dir), "--base", str(base), "--token", "sks", "--class-noun", "dog",
+            "--output", str(out), "--resolution", "32", "--steps", "6", "--num-class-images", "2",
+            "--class-inference-steps", "2", "--lr", "1e-3", "--save-dtype", "fp32", "--log-every", "2", *extra]
