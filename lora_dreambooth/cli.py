@@ -42,6 +42,7 @@ TRAIN_HELP: dict[str, str] = {
     "batch_size": "Instance images per step (plus as many class images with prior preservation).",
     "gradient_accumulation": "Micro-batches per optimizer step.",
     "lr": "Learning rate.",
+    "scale_lr": "Multiply the learning rates by the effective batch size (processes x batch x accumulation).",
     "text_encoder_lr": "Learning rate of the text-encoder adapter. [= --lr]",
     "lr_scheduler": "Learning-rate schedule.",
     "warmup_steps": "Warm-up steps of the schedule.",
@@ -139,7 +140,8 @@ def train(ctx: click.Context, instance_dir: str | None, config_file: str | None,
         click.echo(f"Interrupted at step {result.steps_done}/{result.total_steps}; checkpoint saved. "
                    f"Resume with the same command plus --resume.", err=True)
         sys.exit(130)
-    click.echo(f"Wrote {result.adapter_path}")
+    if result.adapter_path is not None:  # only the main process writes the adapter
+        click.echo(f"Wrote {result.adapter_path}")
 
 
 @cli.command()

@@ -64,6 +64,7 @@ class TrainConfig:
     batch_size: int = 1
     gradient_accumulation: int = 1
     lr: float = 1e-4
+    scale_lr: bool = False  # multiply lr by the effective batch (processes x batch x accumulation)
     text_encoder_lr: float | None = None  # default: = lr
     lr_scheduler: str = "constant"
     warmup_steps: int = 0

@@ -107,7 +107,9 @@ class DreamBoothRecipe:
         folder = Path(cfg.class_dir) if cfg.class_dir else default_class_dir(cfg.base, cfg.effective_class_prompt,
                                                                             cfg.resolution)
         check_manifest(folder, prompt=cfg.effective_class_prompt)
+        acc.wait_for_everyone()
         plan = plan_class_images(folder, cfg.num_class_images, rank=acc.process_index, world_size=acc.num_processes)
+        acc.wait_for_everyone()  # all ranks have listed the folder before any of them writes into it
         if plan.missing_indices or plan.existing < cfg.num_class_images:
             log.info("class images: %d in '%s', generating %d on this process", plan.existing, folder,
                      len(plan.missing_indices))
@@ -174,9 +176,17 @@ class DreamBoothRecipe:
 
     def _prepare_optimization(self) -> None:
         cfg, acc = self.cfg, self.accelerator
-        groups = [{"params": trainable_parameters(self.base.unet), "lr": cfg.lr}]
+        effective_batch = acc.num_processes * cfg.batch_size * cfg.gradient_accumulation
+        lr_factor = effective_batch if cfg.scale_lr else 1
+        if acc.is_main_process:
+            log.info("effective batch: %d process(es) x %d image(s) x %d accumulation = %d instance images per step%s; "
+                     "lr %g%s", acc.num_processes, cfg.batch_size, cfg.gradient_accumulation, effective_batch,
+                     " (+ as many class images)" if self.use_prior else "", cfg.lr * lr_factor,
+                     f" (= {cfg.lr:g} x {effective_batch}, --scale-lr)" if cfg.scale_lr else " (not scaled; --scale-lr)")
+        groups = [{"params": trainable_parameters(self.base.unet), "lr": cfg.lr * lr_factor}]
         if cfg.train_text_encoder:
-            groups.append({"params": trainable_parameters(self.base.text_encoder), "lr": cfg.text_encoder_lr or cfg.lr})
+            groups.append({"params": trainable_parameters(self.base.text_encoder),
+                           "lr": (cfg.text_encoder_lr or cfg.lr) * lr_factor})
         optimizer = build_optimizer(cfg.optimizer, groups, weight_decay=cfg.weight_decay, device=self.device)
         scheduler = build_lr_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=cfg.warmup_steps,
                                        total_steps=self.total_steps, num_processes=acc.num_processes)
@@ -265,20 +275,27 @@ class DreamBoothRecipe:
         return latents, rows
 
     def _noise(self, latents: torch.Tensor, micro_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise and timesteps drawn from a generator seeded by (seed, micro-batch, rank): resumable, no global RNG."""
-        acc = self.accelerator
+        """Noise and timesteps of this rank's rows, cut from draws for the whole global batch.
+
+        The generator is seeded by (seed, micro-batch) only, so N processes with batch B see exactly the noise of
+        one process with batch N*B, and a resumed run sees the noise of an uninterrupted one.
+        """
+        acc, rows = self.accelerator, latents.shape[0]
+        groups = 2 if self.use_prior else 1
+        per_group, world, rank = rows // groups, acc.num_processes, acc.process_index
         g = torch.Generator(device=latents.device)
-        g.manual_seed((self.cfg.seed * 1_000_003 + micro_index) * 1009 + acc.process_index)
-        noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
+        g.manual_seed(self.cfg.seed * 1_000_003 + micro_index)
+        shape = (groups, world, per_group, *latents.shape[1:])
+        noise = torch.randn(shape, generator=g, device=latents.device, dtype=latents.dtype)[:, rank].flatten(0, 1)
         num_train = self.base.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, num_train, (latents.shape[0],), generator=g, device=latents.device)
-        return noise, timesteps
+        timesteps = torch.randint(0, num_train, (groups, world, per_group), generator=g, device=latents.device)
+        return noise, timesteps[:, rank].flatten()
 
     def _report(self, loss_sum: torch.Tensor, first_bad: torch.Tensor, done: int, bar: Any, since: float) -> float:
         """Sync once per logging window: mean loss, NaN guard, TensorBoard, progress bar postfix."""
         steps = (done - 1) % self.cfg.log_every + 1
-        loss = float(loss_sum) / (steps * self.cfg.gradient_accumulation)
-        bad = int(first_bad)
+        loss = float(self.accelerator.reduce(loss_sum.clone(), "mean")) / (steps * self.cfg.gradient_accumulation)
+        bad = int(self.accelerator.reduce(first_bad.clone(), "max"))
         if bad >= 0:
             raise TrainingDiverged(
                 f"loss became NaN/inf at step {bad + 1}; the adapter was not saved (last good checkpoint kept). "
