@@ -1,0 +1,90 @@
+"""Scale-out through accelerate: a real 2-rank DDP run on CPU (gloo over loopback)."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_dreambooth.formats import ADAPTER_FILENAME
+
+from .conftest import small_train_args
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(num_processes: int, *args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` the real CLI. `--cpu --num_processes 2` silently runs ONE process, hence --multi_gpu."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1"}
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    if num_processes > 1:
+        launcher += ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+                     "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port())]
+    else:
+        launcher += ["--num_processes", "1", "--cpu"]
+    launcher += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lora_dreambooth", "-v", *args]
+    return subprocess.run(launcher, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, tiny_base, dog_dir):
+    root = tmp_path_factory.mktemp("ddp")
+    args = small_train_args(dog_dir, tiny_base, root / "ddp", "--steps", "4", "--num-class-images", "4",
+                            "--class-dir", str(root / "class"), "--checkpoint-every", "2")
+    proc = _launch(2, *args)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root, proc
+
+
+def test_two_ranks_train_one_adapter(two_rank_run):
+    root, proc = two_rank_run
+    log = proc.stderr
+    assert "process 0/2" in log and "process 1/2" in log
+    seen = {r: set() for r in (0, 1)}
+    for rank, images in re.findall(r"rank (\d) micro-batch \d+ instance images \[([\d, ]+)\]", log):
+        seen[int(rank)].update(int(i) for i in images.split(","))
+    assert seen[0] and seen[1] and seen[0] != seen[1], seen
+    digests = dict(re.findall(r"rank (\d) adapter sha256 (\w+)", log))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], digests
+    assert "effective batch: 2 process(es) x 1 image(s) x 1 accumulation = 2" in log
+    assert sorted(p.name for p in (root / "ddp").glob("*.safetensors")) == [ADAPTER_FILENAME]
+    assert proc.stdout.count("Wrote ") == 1
+    # class images were split across ranks without duplicates: exactly 4, each generated once
+    assert sorted(p.name for p in (root / "class").glob("*.png")) == [f"class-0000{i}.png" for i in range(4)]
+    assert len(re.findall(r"generating 2 on this process", log)) == 2
+
+
+def test_two_ranks_match_one_process_with_same_effective_batch(two_rank_run, tiny_base, dog_dir):
+    root, _ = two_rank_run
+    args = small_train_args(dog_dir, tiny_base, root / "single", "--steps", "4", "--num-class-images", "4",
+                            "--class-dir", str(root / "class"), "--batch-size", "2")
+    proc = _launch(1, *args)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ddp, single = load_file(str(root / "ddp" / ADAPTER_FILENAME)), load_file(str(root / "single" / ADAPTER_FILENAME))
+    assert ddp.keys() == single.keys()
+    for key in ddp:
+        torch.testing.assert_close(ddp[key], single[key], atol=1e-5, rtol=1e-4)
+
+
+def test_checkpoint_of_two_ranks_resumes_on_one(two_rank_run, tiny_base, dog_dir):
+    root, _ = two_rank_run
+    resumed = root / "resumed"
+    import shutil
+
+    shutil.copytree(root / "ddp" / "checkpoints", resumed / "checkpoints")
+    args = small_train_args(dog_dir, tiny_base, resumed, "--steps", "4", "--num-class-images", "4",
+                            "--class-dir", str(root / "class"), "--checkpoint-every", "2", "--resume")
+    proc = _launch(1, *args)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from" in proc.stderr and "at step 2" in proc.stderr
+    assert (resumed / ADAPTER_FILENAME).is_file()
