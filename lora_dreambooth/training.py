@@ -24,7 +24,7 @@ from .data import EpochSampler, LatentCache, load_examples
 from .errors import TrainingDiverged, UserInputError
 from .formats import ADAPTER_FILENAME, save_adapter, write_text_atomic
 from .losses import denoising_target, dreambooth_loss
-from .models import load_base
+from .models import load_base, resolve_base
 from .optim import build_lr_scheduler, build_optimizer
 from .priors import check_manifest, default_class_dir, generate_class_images, plan_class_images, write_manifest
 
@@ -41,6 +41,7 @@ class TrainResult:
     total_steps: int
     last_loss: float | None
     interrupted: bool = False
+    skipped_steps: int = 0  # optimizer steps fp16 loss scaling skipped (gradient overflow)
 
 
 class DreamBoothRecipe:
@@ -51,16 +52,20 @@ class DreamBoothRecipe:
         self.out = Path(config.output_dir)
         self.start_step = 0
         self.stop_requested = False
+        self.skipped_steps = 0
 
     # -- setup ------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         """Check the output folder, load data and base, make class images, cache latents, inject adapters."""
+        # Cheap checks first: a bad photo, base folder or resume mismatch fails before anything is loaded or written.
         self._check_output_dir()
+        self._check_resume_matches()
+        self.instance = load_examples(self.cfg.instance_dir, self.cfg.effective_instance_prompt, self.cfg.resolution,
+                                      skip_bad=self.cfg.skip_bad_images)
+        resolve_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle)
         self.accelerator = self._make_accelerator()
         self.device = self.accelerator.device
         self.weight_dtype = WEIGHT_DTYPES[self.cfg.mixed_precision]
-        self.instance = load_examples(self.cfg.instance_dir, self.cfg.effective_instance_prompt, self.cfg.resolution,
-                                      skip_bad=self.cfg.skip_bad_images)
         self.total_steps = self.cfg.total_steps(len(self.instance))
         self.base = load_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle)
         self.use_prior = self.cfg.prior and self.cfg.prior_weight > 0
@@ -81,6 +86,17 @@ class DreamBoothRecipe:
             raise UserInputError(f"--output '{self.out}' exists and is not a folder")
         if self.cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise UserInputError("--mixed-precision fp16 needs a CUDA GPU; on this machine use bf16 or no")
+
+    def _check_resume_matches(self) -> None:
+        """Refuse a mismatched --resume before any model loads; warn when checkpoints would be ignored."""
+        checkpoint = latest_checkpoint(self.out) if self.out.is_dir() else None
+        if checkpoint is None:
+            return
+        if not self.cfg.resume:
+            log.warning("output folder '%s' holds checkpoints of an earlier run (latest: %s); this run starts "
+                        "from step 0; pass --resume to continue that run instead", self.out, checkpoint.name)
+            return
+        check_resume_compatible(read_checkpoint_state(checkpoint)["config"], self.cfg.to_dict(), checkpoint)
 
     def _make_accelerator(self):
         from accelerate import Accelerator
@@ -219,7 +235,7 @@ class DreamBoothRecipe:
         loss_sum = torch.zeros((), device=self.device)
         first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
         last_loss, window_start, step = None, time.perf_counter(), self.start_step
-        with _stop_on_signals(self):
+        with _stop_on_signals(self), bar:  # the bar closes (ends its line) before any error is printed
             for step in range(self.start_step, self.total_steps):
                 for micro in range(cfg.gradient_accumulation):
                     loss = self._micro_step(step * cfg.gradient_accumulation + micro)
@@ -233,13 +249,42 @@ class DreamBoothRecipe:
                     window_start = time.perf_counter()
                 bar.update(1)
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < self.total_steps:
-                    save_checkpoint(acc, self.out, done, cfg.to_dict(), cfg.checkpoints_total_limit)
+                    self._checkpoint(done, first_bad)
                 if self.stop_requested:
-                    save_checkpoint(acc, self.out, done, cfg.to_dict(), cfg.checkpoints_total_limit)
+                    self._checkpoint(done, first_bad)
                     bar.close()
-                    return TrainResult(None, done, self.total_steps, last_loss, interrupted=True)
+                    return TrainResult(None, done, self.total_steps, last_loss, interrupted=True,
+                                       skipped_steps=self._report_skipped(done))
         bar.close()
-        return TrainResult(None, self.total_steps, self.total_steps, last_loss)
+        return TrainResult(None, self.total_steps, self.total_steps, last_loss,
+                           skipped_steps=self._report_skipped(self.total_steps))
+
+    def _checkpoint(self, done: int, first_bad: torch.Tensor) -> None:
+        """Save a resumable checkpoint, but never one taken after the loss went NaN/inf."""
+        self._raise_if_diverged(first_bad)
+        save_checkpoint(self.accelerator, self.out, done, self.cfg.to_dict(), self.cfg.checkpoints_total_limit)
+
+    def _raise_if_diverged(self, first_bad: torch.Tensor) -> None:
+        """NaN/inf guard (one sync): stop with the step, the likely cause and the fix."""
+        bad = int(self.accelerator.reduce(first_bad.clone(), "max"))
+        if bad < 0:
+            return
+        cfg = self.cfg
+        kept = latest_checkpoint(self.out)
+        advice = (f"use --mixed-precision bf16 (fp16 overflows) or no, or a lower --lr (now {cfg.lr:g})"
+                  if cfg.mixed_precision == "fp16" else f"lower --lr (now {cfg.lr:g}; 1e-4 is the usual value)")
+        if cfg.max_grad_norm <= 0:
+            advice += ", and keep --max-grad-norm 1.0"
+        raise TrainingDiverged(
+            f"loss became NaN/inf at step {bad + 1}; no adapter was written"
+            + (f" (last good checkpoint kept: {kept})" if kept else "") + f". To fix: {advice}, and run again")
+
+    def _report_skipped(self, steps: int) -> int:
+        if self.skipped_steps:
+            log.warning("fp16 loss scaling skipped %d of %d optimizer steps (gradients overflowed); a few at the "
+                        "start are normal, many mean the run is unstable: try --mixed-precision bf16",
+                        self.skipped_steps, steps - self.start_step)
+        return self.skipped_steps
 
     def _micro_step(self, micro_index: int) -> torch.Tensor:
         """Forward, loss and backward for one micro-batch; the optimizer steps when accumulation is complete."""
@@ -259,6 +304,8 @@ class DreamBoothRecipe:
             if acc.sync_gradients and self.cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
             self.optimizer.step()
+            if acc.sync_gradients and acc.optimizer_step_was_skipped:  # only ever true with fp16 loss scaling
+                self.skipped_steps += 1
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss
@@ -295,11 +342,7 @@ class DreamBoothRecipe:
         """Sync once per logging window: mean loss, NaN guard, TensorBoard, progress bar postfix."""
         steps = (done - 1) % self.cfg.log_every + 1
         loss = float(self.accelerator.reduce(loss_sum.clone(), "mean")) / (steps * self.cfg.gradient_accumulation)
-        bad = int(self.accelerator.reduce(first_bad.clone(), "max"))
-        if bad >= 0:
-            raise TrainingDiverged(
-                f"loss became NaN/inf at step {bad + 1}; the adapter was not saved (last good checkpoint kept). "
-                f"Try --mixed-precision bf16 (fp16 overflows), a lower --lr, or --mixed-precision no")
+        self._raise_if_diverged(first_bad)
         lr = self.lr_scheduler.get_last_lr()[0]
         self.accelerator.log({"loss": loss, "lr": lr}, step=done)
         rate = steps / max(time.perf_counter() - since, 1e-9)

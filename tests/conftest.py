@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,40 @@ def small_train_args(instance_dir: Path, base: Path, out: Path, *extra: str) -> 
     return ["train", str(instance_dir), "--base", str(base), "--token", "sks", "--class-noun", "dog",
             "--output", str(out), "--resolution", "32", "--steps", "6", "--num-class-images", "2",
             "--class-inference-steps", "2", "--lr", "1e-3", "--save-dtype", "fp32", "--log-every", "2", *extra]
+
+
+@dataclass
+class CliRun:
+    """The outcome of one in-process CLI call."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli_in_process(capsys, *args: str) -> CliRun:
+    """Run `lora_dreambooth.cli.main(ARGS)` in this process (the real entry point without the ~5 s start-up).
+
+    Exit codes and `Error:` lines are exactly those of the command; our log handler is rebound to the captured
+    stderr for the call and removed afterwards, so it never writes into a stream pytest has closed.
+    """
+    import logging
+
+    from lora_dreambooth.cli import main
+
+    def drop_handlers() -> None:
+        logger = logging.getLogger("lora_dreambooth")
+        for handler in [h for h in logger.handlers if getattr(h, "_lora_dreambooth", False)]:
+            logger.removeHandler(handler)
+
+    capsys.readouterr()
+    drop_handlers()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        drop_handlers()
+    out, err = capsys.readouterr()
+    return CliRun(code, out, err)

@@ -1,0 +1,214 @@
+"""Nothing lost: kill -9 at a step or half-way through a write, Ctrl-C, then --resume gives the adapter of an
+uninterrupted run bit for bit; no half-written file ever looks finished; a diverging run stops cleanly.
+
+Real subprocesses are killed with real signals. Where the kill must land inside a write, a small driver runs the
+CLI with `torch.save`/`safetensors.torch.save_file` wrapped to truncate the file they just wrote and SIGKILL the
+process: the state a power cut or the OOM killer leaves behind.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_dreambooth import TrainConfig, train
+from lora_dreambooth.checkpoints import list_checkpoints
+from lora_dreambooth.errors import UserInputError
+from lora_dreambooth.formats import ADAPTER_FILENAME, resolve_adapter_file
+
+from .conftest import cli_in_process
+
+STEPS = 24
+SETTINGS = dict(resolution=32, steps=STEPS, num_class_images=2, class_inference_steps=2, lr=1e-3, save_dtype="fp32",
+                log_every=4)
+
+DRIVER = '''
+"""Run the lora-dreambooth CLI; SIGKILL this process half-way through writing the first file whose path holds TARGET."""
+import os
+import signal
+import sys
+
+import safetensors.torch
+import torch
+
+target = sys.argv[1]
+
+
+def wrap(module, name):
+    real = getattr(module, name)
+
+    def write_then_die_half_way(obj, path, *args, **kwargs):
+        result = real(obj, path, *args, **kwargs)
+        if isinstance(path, (str, os.PathLike)) and target in os.fspath(path):
+            os.truncate(path, os.path.getsize(path) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    setattr(module, name, write_then_die_half_way)
+
+
+wrap(torch, "save")
+wrap(safetensors.torch, "save_file")
+from lora_dreambooth.cli import main  # noqa: E402
+
+main(sys.argv[2:])
+'''
+
+
+def train_cmd(instance: Path, base: Path, out: Path, class_dir: Path, *extra: str) -> list[str]:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
+    return ["train", str(instance), "--base", str(base), "--token", "sks", "--class-noun", "dog", "--output",
+            str(out), "--class-dir", str(class_dir), *flags, *extra]
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def run_killed_while_writing(tmp_path: Path, target: str, *args: str) -> subprocess.CompletedProcess:
+    driver = tmp_path / "kill_while_writing.py"
+    driver.write_text(DRIVER)
+    return subprocess.run([sys.executable, str(driver), target, *args], capture_output=True, text=True,
+                          env=child_env(), timeout=300)
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    """Start the CLI in the background (stderr to a file: the progress bar would fill a pipe)."""
+    with open(log, "w") as stream:
+        return subprocess.Popen([sys.executable, "-m", "lora_dreambooth", *args], stdout=stream,
+                                stderr=subprocess.STDOUT, env=child_env())
+
+
+def wait_for_checkpoint_after(out: Path, step: int, proc: subprocess.Popen, log: Path, timeout: float = 240) -> int:
+    """Poll until a finished checkpoint newer than `step` exists; the run must still be going."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        newer = [s for s, _ in list_checkpoints(out) if s > step]
+        if newer:
+            return newer[0]
+        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before it could be interrupted:\n" \
+                                    f"{log.read_text()[-3000:]}"
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"no checkpoint after step {step} within {timeout} s")
+
+
+def checkpoint_steps(out: Path) -> list[int]:
+    return [step for step, _ in list_checkpoints(out)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_base, dog_dir):
+    """An uninterrupted run (in-process: same arithmetic as the CLI on one thread); its class images are reused."""
+    root = tmp_path_factory.mktemp("reference")
+    cfg = TrainConfig(instance_dir=str(dog_dir), base=str(tiny_base), token="sks", class_noun="dog",
+                      output_dir=str(root / "adapter"), class_dir=str(root / "class"), **SETTINGS)
+    result = train(cfg)
+    return {"weights": load_file(str(result.adapter_path)), "class_dir": root / "class"}
+
+
+def test_killed_and_interrupted_runs_resume_bit_exactly(tmp_path, tiny_base, dog_dir, reference, capsys):
+    out = tmp_path / "run"
+    cmd = train_cmd(dog_dir, tiny_base, out, reference["class_dir"], "--checkpoint-every", "2",
+                    "--checkpoints-total-limit", "1")
+
+    # 1. SIGKILL half-way through writing checkpoint 8. With a limit of 1, checkpoint 6 must survive (pruning
+    #    waits for a finished new one) and the half-written folder must never count as a checkpoint.
+    proc = run_killed_while_writing(tmp_path, ".checkpoint-8.partial/optimizer.bin", *cmd)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert checkpoint_steps(out) == [6]
+    assert (out / "checkpoints" / ".checkpoint-8.partial" / "optimizer.bin").is_file()
+    assert not (out / ADAPTER_FILENAME).exists()
+
+    # 2. --resume, then kill -9 from outside as soon as a newer checkpoint appears.
+    log = tmp_path / "leg2.log"
+    proc = start(cmd + ["--resume"], log)
+    wait_for_checkpoint_after(out, 6, proc, log)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert "at step 6" in log.read_text()  # it really resumed
+    steps = checkpoint_steps(out)
+    assert len(steps) == 1 and steps[0] > 6, steps
+
+    # 3. --resume, then Ctrl-C (SIGINT) once it has checkpointed again: a checkpoint at the step it stopped,
+    #    exit code 130 and a resume hint.
+    log = tmp_path / "leg3.log"
+    proc = start(cmd + ["--resume"], log)
+    wait_for_checkpoint_after(out, steps[0], proc, log)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "Resume with the same command plus --resume" in text and "Traceback" not in text
+    stopped = int(text.split("Interrupted at step ")[1].split("/")[0])
+    assert checkpoint_steps(out) == [stopped] and stopped < STEPS
+
+    # 4. A resume whose options change the maths is refused before anything loads.
+    run = cli_in_process(capsys, *cmd, "--resume", "--rank", "8", "--lr", "2e-3")
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("Error: cannot resume from")
+    assert "lr: 0.001 -> 0.002" in run.stderr and "rank: 4 -> 8" in run.stderr
+    assert checkpoint_steps(out) == [stopped]
+
+    # 5. --resume, SIGKILL half-way through writing the adapter: no file that looks finished.
+    proc = run_killed_while_writing(tmp_path, f".{ADAPTER_FILENAME}.", *cmd, "--resume")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert not (out / ADAPTER_FILENAME).exists() and not (out / "train_config.toml").exists()
+    leftovers = list(out.glob(f".{ADAPTER_FILENAME}.*.partial"))
+    assert len(leftovers) == 1
+    with pytest.raises(UserInputError, match="truncated"):
+        resolve_adapter_file(leftovers[0])
+    inspect = cli_in_process(capsys, "inspect", out)
+    assert inspect.returncode == 2 and f"has no {ADAPTER_FILENAME}" in inspect.stderr
+
+    # 6. The last --resume finishes; the adapter is the uninterrupted run's, bit for bit.
+    run = cli_in_process(capsys, *cmd, "--resume")
+    assert run.returncode == 0, run.stderr[-3000:]
+    resumed = load_file(str(out / ADAPTER_FILENAME))
+    assert resumed.keys() == reference["weights"].keys()
+    for key, tensor in reference["weights"].items():
+        assert torch.equal(resumed[key], tensor), key
+    assert len(checkpoint_steps(out)) <= 1
+
+
+def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_base, dog_dir, capsys):
+    out = tmp_path / "nan"
+    cmd = ["train", dog_dir, "--base", tiny_base, "--token", "sks", "--class-noun", "dog", "--output", out,
+           "--resolution", "32", "--steps", "8", "--no-prior", "--lr", "1e6", "--checkpoint-every", "1",
+           "--log-every", "100"]
+    run = cli_in_process(capsys, *cmd)
+    assert run.returncode == 1, run.stderr[-3000:]
+    error = run.stderr.strip().splitlines()[-1]
+    assert error.startswith("Error: loss became NaN/inf at step 2; no adapter was written"), error
+    assert "lower --lr (now 1e+06" in error and "checkpoint-1" in error
+    assert "Traceback" not in run.stderr
+    assert not (out / ADAPTER_FILENAME).exists()
+    # The guard runs before every checkpoint, so nothing taken after the loss went bad was kept.
+    assert checkpoint_steps(out) == [1]
+    saved = load_file(str(out / "checkpoints" / "checkpoint-1" / "adapter_0.safetensors"))
+    assert saved and all(bool(torch.isfinite(t).all()) for t in saved.values())
+
+
+def test_loss_scale_skips_are_counted_in_the_result(tmp_path, tiny_base, dog_dir):
+    """fp16 loss-scale skips happen only on a GPU; without loss scaling the count must stay 0."""
+    cfg = TrainConfig(instance_dir=str(dog_dir), base=str(tiny_base), token="sks", class_noun="dog",
+                      output_dir=str(tmp_path / "o"), resolution=32, steps=2, prior=False)
+    result = train(cfg)
+    assert result.skipped_steps == 0 and math.isfinite(result.last_loss)
+
+
+def test_resume_without_checkpoints_and_fresh_run_over_old_checkpoints_warn(tmp_path, tiny_base, dog_dir, capsys):
+    out = tmp_path / "o"
+    base_cmd = ["train", dog_dir, "--base", tiny_base, "--token", "sks", "--class-noun", "dog", "--output", out,
+                "--resolution", "32", "--steps", "2", "--no-prior", "--checkpoint-every", "1"]
+    run = cli_in_process(capsys, *base_cmd, "--resume")
+    assert run.returncode == 0 and "--resume: no checkpoint" in run.stderr
+    run = cli_in_process(capsys, *base_cmd, "--overwrite")
+    assert run.returncode == 0
+    assert "holds checkpoints of an earlier run (latest: checkpoint-1)" in run.stderr
