@@ -68,7 +68,8 @@ def cli_in_process(capsys, *args: str) -> CliRun:
     """Run `lora_dreambooth.cli.main(ARGS)` in this process (the real entry point without the ~5 s start-up).
 
     Exit codes and `Error:` lines are exactly those of the command; our log handler is rebound to the captured
-    stderr for the call and removed afterwards, so it never writes into a stream pytest has closed.
+    stderr for the call and removed afterwards (logger settings restored), so it never writes into a stream
+    pytest has closed.
     """
     import logging
 
@@ -79,6 +80,8 @@ def cli_in_process(capsys, *args: str) -> CliRun:
         for handler in [h for h in logger.handlers if getattr(h, "_lora_dreambooth", False)]:
             logger.removeHandler(handler)
 
+    logger = logging.getLogger("lora_dreambooth")
+    saved = (logger.level, logger.propagate)
     capsys.readouterr()
     drop_handlers()
     try:
@@ -88,5 +91,7 @@ def cli_in_process(capsys, *args: str) -> CliRun:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         drop_handlers()
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]  # caplog in later tests listens at the root logger
     out, err = capsys.readouterr()
     return CliRun(code, out, err)

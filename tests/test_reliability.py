@@ -1,9 +1,10 @@
 """Nothing lost: kill -9 at a step or half-way through a write, Ctrl-C, then --resume gives the adapter of an
 uninterrupted run bit for bit; no half-written file ever looks finished; a diverging run stops cleanly.
 
-Real subprocesses are killed with real signals. Where the kill must land inside a write, a small driver runs the
-CLI with `torch.save`/`safetensors.torch.save_file` wrapped to truncate the file they just wrote and SIGKILL the
-process: the state a power cut or the OOM killer leaves behind.
+A real subprocess is killed with `kill -9` half-way through writing a checkpoint or the adapter: a small driver
+runs the CLI with `torch.save`/`safetensors.torch.save_file` wrapped to truncate the file they just wrote and
+freeze (SIGSTOP), and the test then SIGKILLs it (the state a power cut or the OOM killer leaves behind). Ctrl-C
+and SIGTERM are raised inside the training loop at a chosen step; the rest runs the CLI entry point in-process.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -31,7 +33,8 @@ SETTINGS = dict(resolution=32, steps=STEPS, num_class_images=2, class_inference_
                 log_every=4)
 
 DRIVER = '''
-"""Run the lora-dreambooth CLI; SIGKILL this process half-way through writing the first file whose path holds TARGET."""
+"""Run the lora-dreambooth CLI; stop (SIGSTOP) half-way through writing the first file whose path holds TARGET,
+so that the test can kill -9 it at exactly that moment."""
 import os
 import signal
 import sys
@@ -45,14 +48,14 @@ target = sys.argv[1]
 def wrap(module, name):
     real = getattr(module, name)
 
-    def write_then_die_half_way(obj, path, *args, **kwargs):
+    def write_then_freeze_half_way(obj, path, *args, **kwargs):
         result = real(obj, path, *args, **kwargs)
         if isinstance(path, (str, os.PathLike)) and target in os.fspath(path):
             os.truncate(path, os.path.getsize(path) // 2)
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGSTOP)
         return result
 
-    setattr(module, name, write_then_die_half_way)
+    setattr(module, name, write_then_freeze_half_way)
 
 
 wrap(torch, "save")
@@ -69,36 +72,43 @@ def train_cmd(instance: Path, base: Path, out: Path, class_dir: Path, *extra: st
             str(out), "--class-dir", str(class_dir), *flags, *extra]
 
 
-def child_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def run_killed_while_writing(tmp_path: Path, target: str, *args: str) -> subprocess.CompletedProcess:
-    driver = tmp_path / "kill_while_writing.py"
+def kill_9_while_writing(tmp_path: Path, target: str, *args: str) -> None:
+    """Run the CLI in a subprocess until it is half-way through writing `target`, then `kill -9` it."""
+    driver = tmp_path / "freeze_while_writing.py"
     driver.write_text(DRIVER)
-    return subprocess.run([sys.executable, str(driver), target, *args], capture_output=True, text=True,
-                          env=child_env(), timeout=300)
-
-
-def start(args: list[str], log: Path) -> subprocess.Popen:
-    """Start the CLI in the background (stderr to a file: the progress bar would fill a pipe)."""
+    log = tmp_path / "driver.log"
     with open(log, "w") as stream:
-        return subprocess.Popen([sys.executable, "-m", "lora_dreambooth", *args], stdout=stream,
-                                stderr=subprocess.STDOUT, env=child_env())
+        proc = subprocess.Popen([sys.executable, str(driver), target, *args], stdout=stream, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    try:
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns when it stops (or ends)
+    except BaseException:
+        proc.kill()
+        raise
+    if not os.WIFSTOPPED(status):
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        raise AssertionError(f"the run ended (code {proc.returncode}) before writing {target}:\n"
+                             f"{log.read_text()[-3000:]}")
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
 
 
-def wait_for_checkpoint_after(out: Path, step: int, proc: subprocess.Popen, log: Path, timeout: float = 240) -> int:
-    """Poll until a finished checkpoint newer than `step` exists; the run must still be going."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        newer = [s for s, _ in list_checkpoints(out) if s > step]
-        if newer:
-            return newer[0]
-        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before it could be interrupted:\n" \
-                                    f"{log.read_text()[-3000:]}"
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError(f"no checkpoint after step {step} within {timeout} s")
+@contextmanager
+def signal_after_step(sig: int, step: int) -> Iterator[None]:
+    """Inside the block, the training loop receives `sig` (as from Ctrl-C or `kill`) right after micro-batch `step`."""
+    from lora_dreambooth.training import DreamBoothRecipe
+
+    real = DreamBoothRecipe._micro_step
+
+    def micro_step(self, micro_index: int):
+        loss = real(self, micro_index)
+        if micro_index == step - 1:
+            signal.raise_signal(sig)
+        return loss
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DreamBoothRecipe, "_micro_step", micro_step)
+        yield
 
 
 def checkpoint_steps(out: Path) -> list[int]:
@@ -120,45 +130,30 @@ def test_killed_and_interrupted_runs_resume_bit_exactly(tmp_path, tiny_base, dog
     cmd = train_cmd(dog_dir, tiny_base, out, reference["class_dir"], "--checkpoint-every", "2",
                     "--checkpoints-total-limit", "1")
 
-    # 1. SIGKILL half-way through writing checkpoint 8. With a limit of 1, checkpoint 6 must survive (pruning
+    # 1. kill -9 half-way through writing checkpoint 8. With a limit of 1, checkpoint 6 must survive (pruning
     #    waits for a finished new one) and the half-written folder must never count as a checkpoint.
-    proc = run_killed_while_writing(tmp_path, ".checkpoint-8.partial/optimizer.bin", *cmd)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    kill_9_while_writing(tmp_path, ".checkpoint-8.partial/optimizer.bin", *cmd)
     assert checkpoint_steps(out) == [6]
     assert (out / "checkpoints" / ".checkpoint-8.partial" / "optimizer.bin").is_file()
     assert not (out / ADAPTER_FILENAME).exists()
 
-    # 2. --resume, then kill -9 from outside as soon as a newer checkpoint appears.
-    log = tmp_path / "leg2.log"
-    proc = start(cmd + ["--resume"], log)
-    wait_for_checkpoint_after(out, 6, proc, log)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL
-    assert "at step 6" in log.read_text()  # it really resumed
-    steps = checkpoint_steps(out)
-    assert len(steps) == 1 and steps[0] > 6, steps
+    # 2. --resume, then Ctrl-C (SIGINT) after step 12: a checkpoint there, exit code 130 and a resume hint.
+    with signal_after_step(signal.SIGINT, 12):
+        run = cli_in_process(capsys, *cmd, "--resume")
+    assert run.returncode == 130, run.stderr[-3000:]
+    assert "resumed from" in run.stderr and "at step 6" in run.stderr
+    assert "Interrupted at step 12/24; checkpoint saved. Resume with the same command plus --resume." in run.stderr
+    assert checkpoint_steps(out) == [12]
+    assert not (out / "checkpoints" / ".checkpoint-8.partial").exists()  # rewritten on the way, then pruned
 
-    # 3. --resume, then Ctrl-C (SIGINT) once it has checkpointed again: a checkpoint at the step it stopped,
-    #    exit code 130 and a resume hint.
-    log = tmp_path / "leg3.log"
-    proc = start(cmd + ["--resume"], log)
-    wait_for_checkpoint_after(out, steps[0], proc, log)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
-    text = log.read_text()
-    assert "Resume with the same command plus --resume" in text and "Traceback" not in text
-    stopped = int(text.split("Interrupted at step ")[1].split("/")[0])
-    assert checkpoint_steps(out) == [stopped] and stopped < STEPS
-
-    # 4. A resume whose options change the maths is refused before anything loads.
+    # 3. A resume whose options change the maths is refused before anything loads.
     run = cli_in_process(capsys, *cmd, "--resume", "--rank", "8", "--lr", "2e-3")
     assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("Error: cannot resume from")
     assert "lr: 0.001 -> 0.002" in run.stderr and "rank: 4 -> 8" in run.stderr
-    assert checkpoint_steps(out) == [stopped]
+    assert checkpoint_steps(out) == [12]
 
-    # 5. --resume, SIGKILL half-way through writing the adapter: no file that looks finished.
-    proc = run_killed_while_writing(tmp_path, f".{ADAPTER_FILENAME}.", *cmd, "--resume")
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    # 4. --resume, kill -9 half-way through writing the adapter: no file that looks finished.
+    kill_9_while_writing(tmp_path, f".{ADAPTER_FILENAME}.", *cmd, "--resume")
     assert not (out / ADAPTER_FILENAME).exists() and not (out / "train_config.toml").exists()
     leftovers = list(out.glob(f".{ADAPTER_FILENAME}.*.partial"))
     assert len(leftovers) == 1
@@ -167,14 +162,30 @@ def test_killed_and_interrupted_runs_resume_bit_exactly(tmp_path, tiny_base, dog
     inspect = cli_in_process(capsys, "inspect", out)
     assert inspect.returncode == 2 and f"has no {ADAPTER_FILENAME}" in inspect.stderr
 
-    # 6. The last --resume finishes; the adapter is the uninterrupted run's, bit for bit.
+    # 5. The last --resume finishes; the adapter is the uninterrupted run's, bit for bit.
     run = cli_in_process(capsys, *cmd, "--resume")
     assert run.returncode == 0, run.stderr[-3000:]
     resumed = load_file(str(out / ADAPTER_FILENAME))
     assert resumed.keys() == reference["weights"].keys()
     for key, tensor in reference["weights"].items():
         assert torch.equal(resumed[key], tensor), key
-    assert len(checkpoint_steps(out)) <= 1
+    assert checkpoint_steps(out) == [22]  # the limit held all along
+
+
+def test_sigterm_checkpoints_and_resume_finishes_bit_exactly(tmp_path, tiny_base, dog_dir, capsys):
+    def cmd(out: Path, *extra: str) -> list:
+        return ["train", dog_dir, "--base", tiny_base, "--token", "sks", "--class-noun", "dog", "--output", out,
+                "--resolution", "32", "--steps", "6", "--no-prior", "--lr", "1e-3", "--save-dtype", "fp32", *extra]
+
+    assert cli_in_process(capsys, *cmd(tmp_path / "whole")).returncode == 0
+    with signal_after_step(signal.SIGTERM, 3):
+        run = cli_in_process(capsys, *cmd(tmp_path / "stopped"))
+    assert run.returncode == 130 and "Interrupted at step 3/6" in run.stderr, run.stderr[-3000:]
+    assert checkpoint_steps(tmp_path / "stopped") == [3]  # saved on the way out, with no --checkpoint-every
+    assert cli_in_process(capsys, *cmd(tmp_path / "stopped", "--resume")).returncode == 0
+    whole = load_file(str(tmp_path / "whole" / ADAPTER_FILENAME))
+    resumed = load_file(str(tmp_path / "stopped" / ADAPTER_FILENAME))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
 def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_base, dog_dir, capsys):
