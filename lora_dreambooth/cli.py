@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from .config import (CROPS, LR_SCHEDULERS, MIXED_PRECISIONS, OPTIMIZERS, PRIOR_MODES, PROFILES, SAVE_DTYPES,
-                     VARIANTS, TrainConfig, read_toml)
+from .config import (CROPS, LR_SCHEDULERS, MIXED_PRECISIONS, OPTIMIZERS, PREDICTION_TYPES, PRIOR_MODES, PROFILES,
+                     SAVE_DTYPES, VARIANTS, TrainConfig, mirror_first_subject, read_toml)
 from .errors import TrainingDiverged, UserInputError
 
 # Help text for each TrainConfig field; the options themselves are generated from the dataclass.
@@ -66,16 +66,28 @@ TRAIN_HELP: dict[str, str] = {
     "log_every": "Log the loss every N steps.",
     "sample_prompts": "Prompt for a sample grid written after training (repeatable).",
     "allow_pickle": "Allow loading pickle (.bin/.ckpt) weights, which can run code.",
+    "separate_adapters": "With [[subjects]] in --config: one adapter per subject (OUT/<name>/), not one for all.",
+    "captions": "Use photo.txt / photo.caption beside each photo as its prompt ({token}/{class} filled in).",
+    "caption_dropout": "Probability of training a captioned photo with the instance prompt instead.",
+    "buckets": "Aspect-ratio buckets: non-square photos keep their framing instead of a square crop.",
+    "masked_loss": "Weight the loss by photo.mask.png (white = subject) or the photo's alpha channel.",
+    "snr_gamma": "Min-SNR loss weighting with this gamma (5 is the paper's choice). [off]",
+    "noise_offset": "Noise offset (per-channel constant added to the noise, e.g. 0.05).",
+    "prediction_type": "Training target. [the base scheduler's prediction_type]",
+    "validation_prompts": "Prompt for validation images during training (repeatable).",
+    "validation_every": "Write a validation grid every N steps (0: never).",
+    "validation_inference_steps": "Denoising steps of validation images.",
 }
 CHOICES = {"variant": VARIANTS, "mixed_precision": MIXED_PRECISIONS, "optimizer": OPTIMIZERS,
            "lr_scheduler": LR_SCHEDULERS, "crop": CROPS, "save_dtype": SAVE_DTYPES, "prior_mode": PRIOR_MODES,
-           "profile": PROFILES}
-FLAG_NAMES = {"output_dir": "--output", "lr": "--lr"}
+           "profile": PROFILES, "prediction_type": PREDICTION_TYPES}
+FLAG_NAMES = {"output_dir": "--output", "lr": "--lr", "validation_prompts": "--validation-prompt"}
+CONFIG_FILE_ONLY = ("instance_dir", "subjects")  # the positional argument, and the TOML [[subjects]] list
 
 
 def _option_for(field: dataclasses.Field) -> click.Option | None:
     """A click option generated from one TrainConfig field (defaults stay in the dataclass)."""
-    if field.name == "instance_dir":
+    if field.name in CONFIG_FILE_ONLY:
         return None
     name = FLAG_NAMES.get(field.name, "--" + field.name.replace("_", "-"))
     hint = typing.get_type_hints(TrainConfig)[field.name]
@@ -109,6 +121,7 @@ def config_from_cli(ctx: click.Context, config_file: str | None, values: dict[st
         passed = ctx.get_parameter_source(key) not in (click.core.ParameterSource.DEFAULT, None)
         if passed and value is not None and value != ():
             data[key] = value
+    data = mirror_first_subject(data)
     for flag, key in (("--base", "base"), ("--token", "token"), ("--class-noun", "class_noun"),
                       ("--output", "output_dir"), ("INSTANCE_DIR", "instance_dir")):
         if not data.get(key):
@@ -140,8 +153,27 @@ def train(ctx: click.Context, instance_dir: str | None, config_file: str | None,
         click.echo(f"Interrupted at step {result.steps_done}/{result.total_steps}; checkpoint saved. "
                    f"Resume with the same command plus --resume.", err=True)
         sys.exit(130)
-    if result.adapter_path is not None:  # only the main process writes the adapter
-        click.echo(f"Wrote {result.adapter_path}")
+    for path in result.adapter_paths or ([result.adapter_path] if result.adapter_path is not None else []):
+        click.echo(f"Wrote {path}")  # only the main process writes adapters
+
+
+@cli.command("suggest-token")
+@click.option("--base", required=True, help="Base SD v1.x model: a local diffusers folder or a hub id.")
+@click.option("--count", default=20, show_default=True, help="How many tokens to list.")
+@click.option("--min-length", default=2, show_default=True, help="Fewest letters.")
+@click.option("--max-length", default=4, show_default=True, help="Most letters.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def suggest_token(base: str, count: int, min_length: int, max_length: int, as_json: bool) -> None:
+    """List rare single-token words of the base's tokenizer to use as --token (rarest first)."""
+    from .tokens import load_tokenizer, suggest_tokens
+
+    suggestions = suggest_tokens(load_tokenizer(base), count, min_length=min_length, max_length=max_length)
+    if as_json:
+        click.echo(json.dumps([{"token": s.text, "id": s.token_id, "rarity": round(s.rarity, 3)}
+                               for s in suggestions], indent=2))
+        return
+    for s in suggestions:
+        click.echo(f"{s.text:<8} id {s.token_id:<6} rarity {s.rarity:.2f}")
 
 
 @cli.command()

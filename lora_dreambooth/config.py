@@ -28,10 +28,48 @@ SAVE_DTYPES = ("fp16", "bf16", "fp32")
 VARIANTS = ("lora", "dora", "rslora", "loha", "lokr")
 PRIOR_MODES = ("images", "model")
 PROFILES = ("auto", "fast", "low-memory", "plain")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+DEFAULT_INSTANCE_PROMPT = "a photo of {token} {class}"
+DEFAULT_CLASS_PROMPT = "a photo of {class}"
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 STEPS_PER_IMAGE = 100
 MAX_DEFAULT_STEPS = 1500
+
+
+@dataclass
+class SubjectConfig:
+    """One subject of a multi-subject run: a `[[subjects]]` entry of the TOML config."""
+
+    instance_dir: str
+    token: str
+    class_noun: str
+    name: str | None = None  # default: the token; names the sub-folder with --separate-adapters
+    instance_prompt: str | None = None  # default: the run's instance_prompt
+    class_prompt: str | None = None  # default: the run's class_prompt
+    class_dir: str | None = None  # default: the class-image cache folder of this subject's class prompt
+
+    @property
+    def label(self) -> str:
+        """The subject's name (its token unless `name` is set)."""
+        return self.name or self.token
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict without None values (TOML has no null)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_value(cls, value: Any, where: str) -> "SubjectConfig":
+        """Build from a TOML table (or pass a SubjectConfig through), naming the entry in errors."""
+        if isinstance(value, cls):
+            return value
+        _require(isinstance(value, Mapping), f"{where} must be a table with instance_dir, token and class_noun")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        _require(not unknown, f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        missing = [k for k in ("instance_dir", "token", "class_noun") if not str(value.get(k) or "").strip()]
+        _require(not missing, f"{where}: missing {', '.join(missing)}")
+        return cls(**{k: (str(v) if v is not None else None) for k, v in value.items()})
 
 
 @dataclass
@@ -90,11 +128,30 @@ class TrainConfig:
     log_every: int = 10
     sample_prompts: tuple[str, ...] = ()
     allow_pickle: bool = False
+    # several subjects in one run (TOML `[[subjects]]` entries; the first one fills instance_dir/token/class_noun)
+    subjects: tuple[SubjectConfig, ...] = ()
+    separate_adapters: bool = False
+    # data features
+    captions: bool = True  # photo.txt / photo.caption beside photo.jpg
+    caption_dropout: float = 0.0  # probability of training a photo with the instance prompt instead of its caption
+    buckets: bool = False  # aspect-ratio buckets instead of square crops
+    masked_loss: bool = False  # weight the loss by photo.mask.png or the photo's alpha channel
+    # loss
+    snr_gamma: float | None = None  # min-SNR weighting (Hang et al. 2023); 5.0 is the paper's choice
+    noise_offset: float = 0.0
+    prediction_type: str | None = None  # default: the base scheduler's
+    # validation images during training
+    validation_prompts: tuple[str, ...] = ()
+    validation_every: int = 0  # 0: never
+    validation_inference_steps: int = 25
 
     def __post_init__(self) -> None:
         self.unet_target_modules = tuple(self.unet_target_modules)
         self.text_encoder_target_modules = tuple(self.text_encoder_target_modules)
         self.sample_prompts = tuple(self.sample_prompts)
+        self.validation_prompts = tuple(self.validation_prompts)
+        self.subjects = tuple(SubjectConfig.from_value(s, f"[[subjects]] entry {i}")
+                              for i, s in enumerate(self.subjects or (), 1))
         if self.alpha is None:
             self.alpha = float(self.rank)
         self.validate()
@@ -138,18 +195,57 @@ class TrainConfig:
             ("--profile", self.profile, PROFILES),
         ):
             _require(value in allowed, f"{name} must be one of {', '.join(allowed)}; got '{value}'")
+        self._validate_features()
+        self._validate_subjects()
+
+    def _validate_features(self) -> None:
+        _require(0.0 <= self.caption_dropout <= 1.0,
+                 f"--caption-dropout must be between 0 and 1, got {self.caption_dropout}")
+        _require(self.snr_gamma is None or self.snr_gamma > 0, f"--snr-gamma must be positive, got {self.snr_gamma}")
+        _require(self.noise_offset >= 0, f"--noise-offset must be >= 0, got {self.noise_offset}")
+        _require(self.prediction_type is None or self.prediction_type in PREDICTION_TYPES,
+                 f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}; got '{self.prediction_type}'")
+        _require(self.validation_every >= 0, f"--validation-every must be >= 0, got {self.validation_every}")
+        _require(self.validation_inference_steps > 0,
+                 f"--validation-inference-steps must be positive, got {self.validation_inference_steps}")
+        _require(not self.validation_every or bool(self.validation_prompts),
+                 "--validation-every needs at least one --validation-prompt")
+
+    def _validate_subjects(self) -> None:
+        if not self.subjects:
+            _require(not self.separate_adapters, "--separate-adapters needs a [[subjects]] list in the --config file")
+            return
+        first = self.subjects[0]
+        for key in ("instance_dir", "token", "class_noun"):
+            mine, theirs = getattr(self, key), getattr(first, key)
+            _require(mine == theirs, f"{key} '{mine}' differs from the first [[subjects]] entry's '{theirs}'; "
+                                     f"with [[subjects]], set it in the entries only")
+        _require(self.class_dir is None, "class_dir: with [[subjects]], set class_dir inside each entry")
+        tokens: dict[str, int] = {}
+        labels: dict[str, int] = {}
+        for i, subject in enumerate(self.subjects, 1):
+            where = f"[[subjects]] entry {i}"
+            token, noun = subject.token.strip(), subject.class_noun.strip()
+            _require(token.lower() != noun.lower(), f"{where}: token '{token}' equals its class_noun")
+            _require(token.lower() not in tokens,
+                     f"{where}: token '{token}' is already used by entry {tokens.get(token.lower())}; "
+                     f"every subject needs its own token")
+            _require(subject.label not in labels, f"{where}: name '{subject.label}' is already used by entry "
+                                                  f"{labels.get(subject.label)}")
+            tokens[token.lower()] = i
+            labels[subject.label] = i
 
     # -- derived values ---------------------------------------------------------------------------------------
     @property
     def effective_instance_prompt(self) -> str:
         """The instance prompt with `{token}`/`{class}` filled in."""
-        template = self.instance_prompt or "a photo of {token} {class}"
+        template = self.instance_prompt or DEFAULT_INSTANCE_PROMPT
         return fill_prompt(template, self.token, self.class_noun)
 
     @property
     def effective_class_prompt(self) -> str:
         """The class (prior) prompt with `{class}` filled in."""
-        template = self.class_prompt or "a photo of {class}"
+        template = self.class_prompt or DEFAULT_CLASS_PROMPT
         return fill_prompt(template, self.token, self.class_noun)
 
     def total_steps(self, num_instance_images: int) -> int:
@@ -166,6 +262,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if value is None:
                 continue
+            if f.name == "subjects":
+                value = tuple(s.to_dict() for s in value)
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
@@ -183,6 +281,7 @@ class TrainConfig:
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "TrainConfig":
         """Build from a dict, rejecting unknown keys by name."""
         known = {f.name for f in fields(cls)}
+        data = mirror_first_subject(data)
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserInputError(f"{source}: unknown option(s) {', '.join(unknown)}")
@@ -198,6 +297,20 @@ class TrainConfig:
     def replace(self, **changes: Any) -> "TrainConfig":
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+def mirror_first_subject(data: Mapping[str, Any]) -> dict[str, Any]:
+    """With `[[subjects]]`, the first entry supplies instance_dir, token and class_noun when they are left out."""
+    out = dict(data)
+    subjects = out.get("subjects")
+    if subjects and isinstance(subjects, (list, tuple)):
+        first = subjects[0]
+        first = first.to_dict() if isinstance(first, SubjectConfig) else first
+        if isinstance(first, Mapping):
+            for key in ("instance_dir", "token", "class_noun"):
+                if not out.get(key) and first.get(key):
+                    out[key] = first[key]
+    return out
 
 
 def fill_prompt(template: str, token: str, class_noun: str) -> str:

@@ -4,14 +4,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from .images import find_images, load_images
+from .errors import UserInputError
+from .images import find_images, load_image, load_images
 
 log = logging.getLogger(__name__)
+
+
+MASK_SUFFIX = ".mask.png"
 
 
 @dataclass
@@ -21,14 +26,57 @@ class Example:
     path: Path
     image: Image.Image
     prompt: str
+    subject: int = 0  # index of its subject in a multi-subject run
+    mask: Image.Image | None = None  # loss weight (mode L, same size as `image`; white = subject)
 
 
 def load_examples(folder: str | Path, prompt: str, resolution: int, *, what: str = "instance folder",
-                  skip_bad: bool = False) -> list[Example]:
-    """Find, validate and decode every photo in `folder`, resize its short side to `resolution`."""
-    paths = find_images(folder, what=what)
+                  skip_bad: bool = False, prompts: Callable[[list[Path]], list[str]] | None = None,
+                  masks: bool = False, subject: int = 0) -> list[Example]:
+    """Find, validate and decode every photo in `folder`, resize its short side to `resolution`.
+
+    `prompts` maps the photos' paths to their prompts (captions); without it every photo gets `prompt`. With
+    `masks`, each photo's loss mask is read from `photo.mask.png` or its alpha channel. Mask files are never
+    taken for photos.
+    """
+    paths = [p for p in find_images(folder, what=what) if not is_mask_file(p)]
+    if not paths:
+        raise UserInputError(f"{what} '{folder}' holds only mask images (*{MASK_SUFFIX}), no photo")
     loaded = load_images(paths, min_size=resolution, skip_bad=skip_bad)
-    return [Example(path, resize_short_side(image, resolution), prompt) for path, image in loaded]
+    texts = prompts([path for path, _ in loaded]) if prompts else [prompt] * len(loaded)
+    examples = []
+    for (path, image), text in zip(loaded, texts):
+        mask = load_mask(path, image.size) if masks else None
+        resized = resize_short_side(image, resolution)
+        if mask is not None:
+            mask = mask.resize(resized.size, Image.BILINEAR) if mask.size != resized.size else mask
+        examples.append(Example(path, resized, text, subject, mask))
+    return examples
+
+
+def is_mask_file(path: Path) -> bool:
+    """`photo.mask.png` files are loss masks, not photos."""
+    return path.name.lower().endswith(MASK_SUFFIX)
+
+
+def load_mask(image_path: Path, size: tuple[int, int]) -> Image.Image | None:
+    """The loss mask of a photo (mode L): `photo.mask.png` beside it, else its alpha channel, else None.
+
+    `size` is the decoded (EXIF-oriented) photo's size; a mask file of another size is an error naming it.
+    """
+    mask_path = image_path.with_name(image_path.stem + MASK_SUFFIX)
+    if mask_path.is_file():
+        mask = load_image(mask_path).convert("L")
+        if mask.size != size:
+            raise UserInputError(f"mask '{mask_path}' is {mask.width}x{mask.height} but its photo is "
+                                 f"{size[0]}x{size[1]}; masks must match their photo's size")
+        return mask
+    with Image.open(image_path) as raw:
+        if raw.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in raw.info:
+            return None
+        oriented = ImageOps.exif_transpose(raw) or raw
+        alpha = oriented.convert("RGBA").getchannel("A")
+    return alpha if alpha.size == size else alpha.resize(size, Image.BILINEAR)
 
 
 def resize_short_side(image: Image.Image, size: int) -> Image.Image:

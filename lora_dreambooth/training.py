@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +17,22 @@ import torch
 
 from . import __version__
 from .adapters import get_variant, inject_adapters, trainable_parameters
+from .buckets import (BucketLatentCache, BucketSampler, MaskCache, assign_buckets, bucket_sizes, bucket_step,
+                      vae_factor)
+from .captions import dropout_mask
 from .checkpoints import (check_resume_compatible, install_adapter_hooks, latest_checkpoint, read_checkpoint_state,
                           save_checkpoint)
 from .config import TrainConfig
 from .data import EpochSampler, LatentCache, load_examples
 from .errors import TrainingDiverged, UserInputError
 from .formats import ADAPTER_FILENAME, save_adapter, write_text_atomic
-from .losses import denoising_target, dreambooth_loss
+from .losses import add_noise_offset, denoising_target, dreambooth_loss, min_snr_weights, snr_table
 from .models import load_base, resolve_base
 from .optim import build_lr_scheduler, build_optimizer
 from .priors import check_manifest, default_class_dir, generate_class_images, plan_class_images, write_manifest
+from .subjects import class_image_sets, load_subject_examples, resolve_subjects, subjects_summary, train_each_subject
+from .tokens import check_tokens
+from .validation import validation_due, validation_prompts, write_validation_grid
 
 log = logging.getLogger(__name__)
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -42,6 +48,7 @@ class TrainResult:
     last_loss: float | None
     interrupted: bool = False
     skipped_steps: int = 0  # optimizer steps fp16 loss scaling skipped (gradient overflow)
+    adapter_paths: list[Path] = field(default_factory=list)  # --separate-adapters: every subject's adapter
 
 
 class DreamBoothRecipe:
@@ -60,16 +67,19 @@ class DreamBoothRecipe:
         # Cheap checks first: a bad photo, base folder or resume mismatch fails before anything is loaded or written.
         self._check_output_dir()
         self._check_resume_matches()
-        self.instance = load_examples(self.cfg.instance_dir, self.cfg.effective_instance_prompt, self.cfg.resolution,
-                                      skip_bad=self.cfg.skip_bad_images)
+        self.subjects = resolve_subjects(self.cfg)
+        self.instance = load_subject_examples(self.cfg, self.subjects)
         resolve_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle)
         self.accelerator = self._make_accelerator()
         self.device = self.accelerator.device
         self.weight_dtype = WEIGHT_DTYPES[self.cfg.mixed_precision]
         self.total_steps = self.cfg.total_steps(len(self.instance))
         self.base = load_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle)
+        self._adapt_to_base()
         self.use_prior = self.cfg.prior and self.cfg.prior_weight > 0
-        if self.use_prior:
+        self.model_prior = self.use_prior and self.cfg.prior_mode == "model"  # no class images: the base is the prior
+        self.class_examples = []
+        if self.use_prior and not self.model_prior:
             self.class_examples = self._prepare_class_images()
         self._cache_latents()
         self._prepare_text()
@@ -117,12 +127,30 @@ class DreamBoothRecipe:
                 accelerator.init_trackers("lora-dreambooth", config=_flat_scalars(self.cfg.to_dict()))
         return accelerator
 
+    def _adapt_to_base(self) -> None:
+        """Warn about subject tokens the tokenizer splits or knows well; apply --prediction-type; SNR table."""
+        if self.accelerator.is_main_process:
+            check_tokens(self.base.tokenizer, [s.token for s in self.subjects])
+        scheduler = self.base.noise_scheduler
+        wanted, native = self.cfg.prediction_type, scheduler.config.prediction_type
+        if wanted and wanted != native:
+            log.warning("--prediction-type %s differs from the base scheduler's %s: generate with a scheduler "
+                        "configured for %s", wanted, native, wanted)
+            scheduler.register_to_config(prediction_type=wanted)
+        self.snr = snr_table(scheduler, self.device) if self.cfg.snr_gamma else None
+
     def _prepare_class_images(self) -> list:
-        """Generate the missing class images with the frozen base (split across ranks), then load them all."""
+        """Class images of every class prompt (subjects of one class share them), generated where missing."""
+        examples = []
+        for prompt, class_dir in class_image_sets(self.subjects):
+            examples += self._class_images(prompt, class_dir)
+        return examples
+
+    def _class_images(self, prompt: str, class_dir: str | None) -> list:
+        """Generate the missing class images of `prompt` with the frozen base (split across ranks), then load them."""
         cfg, acc = self.cfg, self.accelerator
-        folder = Path(cfg.class_dir) if cfg.class_dir else default_class_dir(cfg.base, cfg.effective_class_prompt,
-                                                                            cfg.resolution)
-        check_manifest(folder, prompt=cfg.effective_class_prompt)
+        folder = Path(class_dir) if class_dir else default_class_dir(cfg.base, prompt, cfg.resolution)
+        check_manifest(folder, prompt=prompt)
         acc.wait_for_everyone()
         plan = plan_class_images(folder, cfg.num_class_images, rank=acc.process_index, world_size=acc.num_processes)
         acc.wait_for_everyone()  # all ranks have listed the folder before any of them writes into it
@@ -132,50 +160,87 @@ class DreamBoothRecipe:
         self.base.unet.to(self.device, self.weight_dtype)
         self.base.text_encoder.to(self.device, self.weight_dtype)
         self.base.vae.to(self.device, self.weight_dtype)  # the pipeline feeds UNet-dtype latents to the VAE
-        generate_class_images(self.base.pipeline, plan, prompt=cfg.effective_class_prompt, resolution=cfg.resolution,
+        generate_class_images(self.base.pipeline, plan, prompt=prompt, resolution=cfg.resolution,
                               steps=cfg.class_inference_steps, seed=cfg.seed * 7919 + 1)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            write_manifest(folder, base=cfg.base, prompt=cfg.effective_class_prompt, resolution=cfg.resolution,
+            write_manifest(folder, base=cfg.base, prompt=prompt, resolution=cfg.resolution,
                            seed=cfg.seed, steps=cfg.class_inference_steps)
-        examples = load_examples(folder, cfg.effective_class_prompt, cfg.resolution, what="class image folder",
+        examples = load_examples(folder, prompt, cfg.resolution, what="class image folder",
                                  skip_bad=True)
         return examples[: max(cfg.num_class_images, 1)]
 
     def _cache_latents(self) -> None:
-        """Encode every image once with an fp32 VAE, then move the VAE off the accelerator."""
+        """Encode every image once with an fp32 VAE (per bucket with --buckets); the VAE then leaves the device."""
+        cfg, acc = self.cfg, self.accelerator
         vae = self.base.vae.to(self.device, torch.float32)
-        self.instance_latents = LatentCache(vae, self.instance, self.cfg.resolution, flip=self.cfg.flip,
-                                            seed=self.cfg.seed, device=self.device)
         self.class_latents = None
-        if self.use_prior:
-            self.class_latents = LatentCache(vae, self.class_examples, self.cfg.resolution, flip=self.cfg.flip,
-                                             seed=self.cfg.seed + 1, device=self.device)
+        if cfg.buckets:
+            self._cache_bucket_latents(vae)
+        else:
+            self.instance_latents = LatentCache(vae, self.instance, cfg.resolution, flip=cfg.flip, seed=cfg.seed,
+                                                device=self.device)
+            if self.class_examples:
+                self.class_latents = LatentCache(vae, self.class_examples, cfg.resolution, flip=cfg.flip,
+                                                 seed=cfg.seed + 1, device=self.device)
+            self.instance_sampler = EpochSampler(len(self.instance), cfg.batch_size, cfg.seed, cfg.flip,
+                                                 acc.process_index, acc.num_processes)
+        if self.class_examples:
+            self.class_sampler = EpochSampler(len(self.class_examples), cfg.batch_size, cfg.seed + 1, cfg.flip,
+                                              acc.process_index, acc.num_processes)
+        self.instance_masks = None
+        if cfg.masked_loss:
+            sizes = self.instance_buckets if cfg.buckets else [(cfg.resolution, cfg.resolution)] * len(self.instance)
+            self.instance_masks = MaskCache(self.instance, sizes, vae_factor(vae), self.device)
         self.base.vae.to("cpu")
-        acc = self.accelerator
-        self.instance_sampler = EpochSampler(len(self.instance), self.cfg.batch_size, self.cfg.seed, self.cfg.flip,
-                                             acc.process_index, acc.num_processes)
-        if self.use_prior:
-            self.class_sampler = EpochSampler(len(self.class_examples), self.cfg.batch_size, self.cfg.seed + 1,
-                                              self.cfg.flip, acc.process_index, acc.num_processes)
+
+    def _cache_bucket_latents(self, vae: torch.nn.Module) -> None:
+        """--buckets: each photo at its aspect-ratio bucket, class images at every bucket in use; bucket batches."""
+        cfg, acc = self.cfg, self.accelerator
+        sizes = bucket_sizes(cfg.resolution, bucket_step(vae, self.base.unet))
+        self.instance_buckets = assign_buckets(self.instance, sizes)
+        used = sorted(set(self.instance_buckets))
+        log.info("buckets (width x height: photos): %s",
+                 ", ".join(f"{w}x{h}: {self.instance_buckets.count((w, h))}" for w, h in used))
+        self.instance_latents = BucketLatentCache(vae, self.instance, [[b] for b in self.instance_buckets],
+                                                  flip=cfg.flip, seed=cfg.seed, device=self.device)
+        if self.class_examples:
+            self.class_latents = BucketLatentCache(vae, self.class_examples, [used] * len(self.class_examples),
+                                                   flip=cfg.flip, seed=cfg.seed + 1, device=self.device)
+        self.instance_sampler = BucketSampler(self.instance_buckets, cfg.batch_size, cfg.seed, cfg.flip,
+                                              acc.process_index, acc.num_processes)
+
 
     def _prepare_text(self) -> None:
-        """Tokenize every prompt once; with a frozen text encoder also cache its hidden states."""
+        """Tokenize every prompt (captions, instance and class prompts) once, as rows of one table; with a frozen
+        text encoder also cache its hidden states (and for --prior-mode model, the base's states in any case)."""
         tokenizer = self.base.tokenizer
-        prompts = sorted({e.prompt for e in self.instance} | ({self.cfg.effective_class_prompt} if self.use_prior
-                                                               else set()))
+        class_prompts = [s.class_prompt for s in self.subjects] if self.use_prior else []
+        prompts = sorted({e.prompt for e in self.instance} | {s.instance_prompt for s in self.subjects}
+                         | set(class_prompts))
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(self.device)
+        self.prompts, self.prompt_ids = prompts, ids
         self.prompt_row = {p: i for i, p in enumerate(prompts)}
-        self.prompt_ids = ids
-        self.instance_rows = torch.tensor([self.prompt_row[e.prompt] for e in self.instance], device=self.device)
-        self.class_row = self.prompt_row.get(self.cfg.effective_class_prompt, 0)
-        self.cached_text = None
-        if not self.cfg.train_text_encoder:
+
+        def rows(texts: list[str]) -> torch.Tensor:
+            return torch.tensor([self.prompt_row[t] for t in texts], dtype=torch.long, device=self.device)
+
+        self.instance_rows = rows([e.prompt for e in self.instance])
+        self.fallback_rows = rows([self.subjects[e.subject].instance_prompt for e in self.instance])  # caption dropout
+        self.instance_subjects = torch.tensor([e.subject for e in self.instance], device=self.device)
+        self.class_rows = rows([e.prompt for e in self.class_examples])
+        self.subject_class_rows = rows(class_prompts)
+        self.class_row = self.prompt_row.get(self.subjects[0].class_prompt, 0)
+        self.cached_text = self.base_text = None
+        if not self.cfg.train_text_encoder or self.model_prior:
             te = self.base.text_encoder.to(self.device, self.weight_dtype)
             with torch.no_grad():
-                self.cached_text = te(ids)[0].to(self.weight_dtype)
-            te.to("cpu")
+                self.base_text = te(ids)[0].to(self.weight_dtype)
+            if not self.cfg.train_text_encoder:
+                self.cached_text = self.base_text
+                te.to("cpu")
+
 
     def _inject_adapters(self) -> None:
         cfg = self.cfg
@@ -250,6 +315,8 @@ class DreamBoothRecipe:
                 bar.update(1)
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < self.total_steps:
                     self._checkpoint(done, first_bad)
+                if validation_due(cfg.validation_every, done) and acc.is_main_process:
+                    self._validate(done)
                 if self.stop_requested:
                     self._checkpoint(done, first_bad)
                     bar.close()
@@ -292,14 +359,14 @@ class DreamBoothRecipe:
         with acc.accumulate(*[m for m in (self.unet, self.text_encoder) if m is not None]):
             latents, rows = self._batch(micro_index)
             noise, timesteps = self._noise(latents, micro_index)
+            mask = next(iter(self._loss_masks(micro_index)), None)
             noisy = self.base.noise_scheduler.add_noise(latents, noise, timesteps)
             if self.text_encoder is not None:
                 hidden = self.text_encoder(self.prompt_ids[rows])[0]
             else:
                 hidden = self.cached_text[rows]
             prediction = self.unet(noisy.to(self.weight_dtype), timesteps, hidden).sample
-            target = denoising_target(self.base.noise_scheduler, latents, noise, timesteps)
-            loss, _, _ = dreambooth_loss(prediction, target, self.cfg.batch_size, self.cfg.prior_weight)
+            loss = self._loss(prediction, latents, noise, noisy, timesteps, rows, mask)
             acc.backward(loss)
             if acc.sync_gradients and self.cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
@@ -315,11 +382,63 @@ class DreamBoothRecipe:
         idx, flips = self.instance_sampler.indices(micro_index)
         latents = self.instance_latents.batch(idx, flips)
         rows = self.instance_rows[idx.to(self.device)]
+        if self.cfg.caption_dropout > 0:
+            acc = self.accelerator
+            drop = dropout_mask(self.cfg.seed, micro_index, len(idx), self.cfg.caption_dropout,
+                                rank=acc.process_index, world_size=acc.num_processes)
+            rows = torch.where(drop.to(self.device), self.fallback_rows[idx.to(self.device)], rows)
         if self.use_prior:
-            cidx, cflips = self.class_sampler.indices(micro_index)
-            latents = torch.cat([latents, self.class_latents.batch(cidx, cflips)])
-            rows = torch.cat([rows, torch.full_like(rows, self.class_row)])
+            prior_latents, prior_rows = self._prior_batch(micro_index, idx, latents)
+            latents, rows = torch.cat([latents, prior_latents]), torch.cat([rows, prior_rows])
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("micro-batch %d prompts %s", micro_index, [self.prompts[int(r)] for r in rows])
         return latents, rows
+
+    def _prior_batch(self, micro_index: int, idx: torch.Tensor, latents: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prior's rows: class images with their class prompt, or (--prior-mode model) the instance latents
+        again with their subject's class prompt, for which the frozen base predicts the target."""
+        if self.model_prior:
+            return latents, self.subject_class_rows[self.instance_subjects[idx.to(self.device)]]
+        cidx, cflips = self.class_sampler.indices(micro_index)
+        if self.cfg.buckets:
+            class_latents = self.class_latents.batch(cidx, cflips, self.instance_latents.size_of(int(idx[0])))
+        else:
+            class_latents = self.class_latents.batch(cidx, cflips)
+        return class_latents, self.class_rows[cidx.to(self.device)]
+
+    def _loss_masks(self, micro_index: int) -> tuple[torch.Tensor, ...]:
+        """(mask,) of the micro-batch with --masked-loss (prior rows count everywhere), else ()."""
+        if self.instance_masks is None:
+            return ()
+        mask = self.instance_masks.batch(*self.instance_sampler.indices(micro_index))
+        return (torch.cat([mask, torch.ones_like(mask)]) if self.use_prior else mask,)
+
+    def _loss(self, prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, noisy: torch.Tensor,
+              timesteps: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The DreamBooth loss, with the base's own prediction as the prior target (--prior-mode model), loss
+        masks (--masked-loss) and min-SNR weights (--snr-gamma)."""
+        cfg, scheduler, n = self.cfg, self.base.noise_scheduler, self.cfg.batch_size
+        target = denoising_target(scheduler, latents, noise, timesteps)
+        if self.model_prior:
+            prior_target = self._base_prediction(noisy[n:], timesteps[n:], rows[n:])
+            target = torch.cat([target[:n], prior_target.to(target.dtype)])
+        weights = None
+        if self.snr is not None:
+            weights = min_snr_weights(self.snr[timesteps], cfg.snr_gamma, scheduler.config.prediction_type)
+        loss, _, _ = dreambooth_loss(prediction, target, n, cfg.prior_weight, weights=weights, mask=mask)
+        return loss
+
+    @torch.no_grad()
+    def _base_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The frozen base's prediction (adapters off, adapter-free text states) on the prior rows."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        unet.disable_adapters()
+        try:
+            with self.accelerator.autocast():
+                return unet(noisy.to(self.weight_dtype), timesteps, self.base_text[rows]).sample
+        finally:
+            unet.enable_adapters()  # also restores requires_grad on the adapter weights
 
     def _noise(self, latents: torch.Tensor, micro_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise and timesteps of this rank's rows, cut from draws for the whole global batch.
@@ -336,6 +455,9 @@ class DreamBoothRecipe:
         noise = torch.randn(shape, generator=g, device=latents.device, dtype=latents.dtype)[:, rank].flatten(0, 1)
         num_train = self.base.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, num_train, (groups, world, per_group), generator=g, device=latents.device)
+        if self.cfg.noise_offset:  # drawn after the timesteps: runs without an offset keep their noise
+            offset = torch.randn((*shape[:4], 1, 1), generator=g, device=latents.device, dtype=latents.dtype)
+            noise = add_noise_offset(noise, offset[:, rank].flatten(0, 1), self.cfg.noise_offset)
         return noise, timesteps[:, rank].flatten()
 
     def _report(self, loss_sum: torch.Tensor, first_bad: torch.Tensor, done: int, bar: Any, since: float) -> float:
@@ -373,8 +495,16 @@ class DreamBoothRecipe:
             "class_prompt": cfg.effective_class_prompt, "base_model": cfg.base, "variant": cfg.variant,
             "rank": cfg.rank, "alpha": cfg.alpha, "steps": steps_done, "resolution": cfg.resolution,
             "train_text_encoder": cfg.train_text_encoder, "num_instance_images": len(self.instance),
+            "subjects": subjects_summary(self.subjects, self.instance),
             "package": "lora-dreambooth", "version": __version__, "config": cfg.to_dict(),
         }
+
+    def _validate(self, done: int) -> None:
+        cfg, first = self.cfg, self.subjects[0]
+        write_validation_grid(self.base, validation_prompts(cfg.validation_prompts, first.token, first.class_noun),
+                              self.out, done, seed=cfg.seed, size=cfg.resolution,
+                              inference_steps=cfg.validation_inference_steps, device=self.device,
+                              accelerator=self.accelerator)
 
     def _write_samples(self) -> None:
         from .sampling import save_sample_grid
@@ -388,6 +518,8 @@ class DreamBoothRecipe:
 
 def train(config: TrainConfig) -> TrainResult:
     """Run a whole training job (the Python API behind `lora-dreambooth train`)."""
+    if config.separate_adapters:
+        return train_each_subject(config, train)
     recipe = DreamBoothRecipe(config)
     recipe.setup()
     result = recipe.train()
