@@ -11,4 +11,11 @@ def train(config: TrainConfig):
     return _train(config)
 
 
-__all__ = ["TrainConfig", "train", "__version__"]
+def load_adapter(pipe, path, name=None, *, allow_pickle=False) -> str:
+    """Load an adapter into a diffusers pipeline with checks; see :func:`lora_dreambooth.inference.load_adapter`."""
+    from .inference import load_adapter as _load_adapter
+
+    return _load_adapter(pipe, path, name, allow_pickle=allow_pickle)
+
+
+__all__ = ["TrainConfig", "load_adapter", "train", "__version__"]

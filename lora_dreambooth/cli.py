@@ -220,6 +220,56 @@ def demo(out_dir: str, base: str | None, steps: int, resolution: int) -> None:
     run_demo(Path(out_dir), base=base, steps=steps, resolution=resolution)
 
 
+@cli.command()
+@click.option("--base", required=True, help="Base SD v1.x model: a local diffusers folder or a hub id.")
+@click.option("--adapter", "adapters", multiple=True, metavar="PATH[:WEIGHT]",
+              help="Adapter folder or file, optionally with a strength (repeatable to mix; none: base model).")
+@click.option("--prompt", required=True, help="What to draw; use the subject's token (e.g. 'a photo of sks dog').")
+@click.option("--out", "out_dir", required=True, help="Folder for the PNGs (settings embedded) and grid.png.")
+@click.option("--negative-prompt", default="", help="What to avoid.")
+@click.option("--num-images", default=4, show_default=True, help="Images (seeds SEED, SEED+1, ...).")
+@click.option("--steps", default=25, show_default=True, help="Denoising steps.")
+@click.option("--guidance", default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the first image.")
+@click.option("--height", type=int, default=None, help="Image height. [the model's native size]")
+@click.option("--width", type=int, default=None, help="Image width. [the model's native size]")
+@click.option("--device", default=None, help="cuda, cpu, ... [cuda if available]")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) adapters, which can run code.")
+def generate(base: str, adapters: tuple[str, ...], prompt: str, out_dir: str, negative_prompt: str, num_images: int,
+             steps: int, guidance: float, seed: int, height: int | None, width: int | None, device: str | None,
+             allow_pickle: bool) -> None:
+    """Generate images with trained adapters and write them to --out."""
+    from .inference import GenerationRequest, ResidentPipeline, parse_adapter_spec, save_generation
+
+    specs = [parse_adapter_spec(spec) for spec in adapters]
+    request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                                seed=seed, num_images=num_images, height=height, width=width)
+    request.validated()  # fail on bad settings before loading anything
+    resident = ResidentPipeline.from_base(base, device=device, allow_pickle=allow_pickle)
+    names = [resident.add(path) for path, _ in specs]
+    result = resident.generate(dataclasses.replace(request, adapters=tuple(zip(names, (w for _, w in specs)))))
+    for path in save_generation(result, out_dir):
+        click.echo(f"Wrote {path}")
+
+
+@cli.command()
+@click.option("--base", required=True, help="Base SD v1.x model: a local diffusers folder or a hub id.")
+@click.option("--adapters", "adapters_dir", required=True,
+              help="Library folder: sub-folders with pytorch_lora_weights.safetensors and/or .safetensors files.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
+@click.option("--port", default=7860, show_default=True, help="Port.")
+@click.option("--share", is_flag=True, help="Also make a public gradio.live link (off by default).")
+@click.option("--device", default=None, help="cuda, cpu, ... [cuda if available]")
+@click.option("--fuse", is_flag=True, help="Fuse the active subject into the base while it stays selected.")
+@click.option("--max-queue", default=16, show_default=True, help="Requests that may wait; more are turned away.")
+def serve(base: str, adapters_dir: str, host: str, port: int, share: bool, device: str | None, fuse: bool,
+          max_queue: int) -> None:
+    """Web app: pick a trained subject from a dropdown and generate (base loaded once)."""
+    from .app import serve as run_server
+
+    run_server(base, adapters_dir, host=host, port=port, share=share, device=device, fuse=fuse, max_queue=max_queue)
+
+
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
