@@ -878,3 +878,38 @@ def save_tiny_metric_models(out_dir: str | Path, seed: int = 0, image_size: int 
     ViTModel(ViTConfig(image_size=image_size, patch_size=8, **tower), add_pooling_layer=False).save_pretrained(dino_dir)
     ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(dino_dir)
     return clip_dir, dino_dir
+
+
+# ------------------------------------------------------------------------------------------ CLI orchestration
+def evaluate_adapter(*, base: str, adapter: str, real_dir: str, kind: str, out_dir: str, images_per_prompt: int = 4,
+                     prompts_file: str | None = None, clip: str | None = DEFAULT_CLIP_MODEL,
+                     dino: str | None = DEFAULT_DINO_MODEL, seed: int = 0, steps: int = 50, guidance: float = 7.5,
+                     size: int | None = None, compare_base: bool = False, token: str | None = None,
+                     class_noun: str | None = None, device: str | None = None) -> str:
+    """What `lora-dreambooth evaluate` does: metric models first (fail fast), then base + adapter, generate, score.
+
+    Returns the human-readable summary; the files land in `out_dir`.
+    """
+    from .formats import read_summary, resolve_adapter_file
+    from .inference import ResidentPipeline, default_device, load_adapter
+
+    if kind not in KINDS:
+        raise UserInputError(f"--kind must be one of {', '.join(KINDS)}; got '{kind}'")
+    file = resolve_adapter_file(adapter)
+    summary = read_summary(file)
+    token = token or summary.get("token")
+    class_noun = class_noun or summary.get("class_noun")
+    if not token or not class_noun:
+        raise UserInputError(f"adapter '{file}' has no token/class metadata: pass --token and --class-noun")
+    device = device or default_device()
+    metric_models = load_metric_models(clip, dino, device=device)
+    prompts = (read_prompt_file(prompts_file, token, class_noun) if prompts_file
+               else dreambench_prompts(kind, token, class_noun))
+    pipe = ResidentPipeline.from_base(base, device=device).pipe
+    load_adapter(pipe, file)
+    size = size or int(summary.get("resolution") or 512)
+    result = evaluate(pipe, prompts, real_dir, out_dir, metric_models, images_per_prompt=images_per_prompt, seed=seed,
+                      compare_base=compare_base, num_inference_steps=steps, guidance_scale=guidance, height=size,
+                      width=size, settings={"base": base, "adapter": str(file), "kind": kind, "clip": clip,
+                                            "dino": dino, "token": token, "class_noun": class_noun})
+    return format_summary(result.report) + f"\nwrote {result.scores_json}, {result.per_prompt_csv}, {result.contact_sheet}"
