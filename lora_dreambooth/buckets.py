@@ -143,9 +143,9 @@ def pixels_for(image: Image.Image, size: Size) -> torch.Tensor:
 class BucketSampler:
     """Batches drawn from one bucket at a time; batch `step` of rank `rank` is a pure function of (seed, step).
 
-    Each epoch shuffles every bucket's photos (drawn from `seed + epoch`), cuts them into global batches (a
-    bucket's last batch is filled up with its own photos again), and shuffles the order of all batches. Ranks
-    take consecutive slices of a global batch, as with :class:`~lora_dreambooth.data.EpochSampler`.
+    Each epoch (a generator seeded by seed and epoch) shuffles every bucket's photos, cuts them into global
+    batches (a bucket's last batch is filled up with its own photos again), and shuffles the order of all
+    batches. Ranks take consecutive slices of a global batch, as with :class:`~lora_dreambooth.data.EpochSampler`.
     """
 
     buckets: list[Size]  # the bucket of each example
