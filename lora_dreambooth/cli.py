@@ -16,6 +16,7 @@ import click
 
 from .config import (CROPS, LR_SCHEDULERS, MIXED_PRECISIONS, OPTIMIZERS, PREDICTION_TYPES, PRIOR_MODES, PROFILES,
                      SAVE_DTYPES, VARIANTS, TrainConfig, mirror_first_subject, read_toml)
+from .config import EXPORT_FORMATS, INITS
 from .errors import TrainingDiverged, UserInputError
 
 # Help text for each TrainConfig field; the options themselves are generated from the dataclass.
@@ -66,6 +67,9 @@ TRAIN_HELP: dict[str, str] = {
     "log_every": "Log the loss every N steps.",
     "sample_prompts": "Prompt for a sample grid written after training (repeatable).",
     "allow_pickle": "Allow loading pickle (.bin/.ckpt) weights, which can run code.",
+    "init": "LoRA initialisation: gaussian, or pissa/olora (start from the base weights' SVD/QR factors; the saved "
+            "file is still a plain delta on the untouched base). lora, dora, rslora only.",
+    "export": "Also write the adapter in this layout beside it (repeatable): kohya (A1111, ComfyUI).",
     "separate_adapters": "With [[subjects]] in --config: one adapter per subject (OUT/<name>/), not one for all.",
     "captions": "Use photo.txt / photo.caption beside each photo as its prompt ({token}/{class} filled in).",
     "caption_dropout": "Probability of training a captioned photo with the instance prompt instead.",
@@ -78,7 +82,7 @@ TRAIN_HELP: dict[str, str] = {
     "validation_every": "Write a validation grid every N steps (0: never).",
     "validation_inference_steps": "Denoising steps of validation images.",
 }
-CHOICES = {"variant": VARIANTS, "mixed_precision": MIXED_PRECISIONS, "optimizer": OPTIMIZERS,
+CHOICES = {"variant": VARIANTS, "init": INITS, "mixed_precision": MIXED_PRECISIONS, "optimizer": OPTIMIZERS,
            "lr_scheduler": LR_SCHEDULERS, "crop": CROPS, "save_dtype": SAVE_DTYPES, "prior_mode": PRIOR_MODES,
            "profile": PROFILES, "prediction_type": PREDICTION_TYPES}
 FLAG_NAMES = {"output_dir": "--output", "lr": "--lr", "validation_prompts": "--validation-prompt"}
@@ -201,11 +205,42 @@ def format_inspection(info: dict[str, Any]) -> str:
                 "resolution", "train_text_encoder", "version"):
         if key in summary:
             lines.append(f"{key + ':':<20}{summary[key]}")
-    lines.append(f"{'diffusers metadata:':<20}{'yes' if info['has_diffusers_metadata'] else 'no (loaders assume alpha = rank)'}")
+    if info.get("layout") == "kohya":
+        lines.append(f"{'layout:':<20}kohya/A1111 (alpha per module in `.alpha`)")
+    else:
+        lines.append(f"{'diffusers metadata:':<20}{'yes' if info['has_diffusers_metadata'] else 'no (loaders assume alpha = rank)'}")
+    consumers = info.get("native_consumers") or {}
+    if consumers:
+        lines.append(f"{'loads natively in:':<20}" + f"\n{'':<20}".join(f"{k}: {v}" for k, v in consumers.items()))
     comps = ", ".join(f"{k} {v}" for k, v in sorted(tensors["components"].items()))
     lines.append(f"{'tensors:':<20}{tensors['keys']} keys ({comps}), {tensors['params']:,} params, "
                  f"{tensors['bytes']:,} bytes, dtypes {tensors['dtypes']}")
     return "\n".join(lines)
+
+
+@cli.command("export")
+@click.argument("adapter")
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="kohya", show_default=True,
+              help="kohya: the A1111 / ComfyUI / kohya sd-scripts layout (LyCORIS names for LoHa and LoKr).")
+@click.option("--out", "out_file", required=True, help="The .safetensors file to write.")
+@click.option("--dtype", type=click.Choice(SAVE_DTYPES), default=None, help="Tensor precision. [the adapter's]")
+def export_command(adapter: str, fmt: str, out_file: str, dtype: str | None) -> None:
+    """Write ADAPTER (a folder or file) in another tool's layout."""
+    from .kohya import export_kohya
+
+    click.echo(f"Wrote {export_kohya(adapter, out_file, save_dtype=dtype)}")
+
+
+@cli.command("import")
+@click.argument("file")
+@click.option("--out", "out_dir", required=True, help="Folder for pytorch_lora_weights.safetensors and README.md.")
+@click.option("--dtype", type=click.Choice(SAVE_DTYPES), default=None, help="Tensor precision. [the file's]")
+@click.option("--overwrite", is_flag=True, help="Replace an adapter already in --out.")
+def import_command(file: str, out_dir: str, dtype: str | None, overwrite: bool) -> None:
+    """Convert a kohya/LyCORIS (or diffusers) adapter FILE into this package's layout in --out."""
+    from .kohya import import_adapter
+
+    click.echo(f"Wrote {import_adapter(file, out_dir, save_dtype=dtype, overwrite=overwrite)}")
 
 
 @cli.command()

@@ -26,6 +26,8 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 CROPS = ("center", "random")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 VARIANTS = ("lora", "dora", "rslora", "loha", "lokr")
+INITS = ("gaussian", "pissa", "olora")  # LoRA-family initialisations
+EXPORT_FORMATS = ("kohya",)
 PRIOR_MODES = ("images", "model")
 PROFILES = ("auto", "fast", "low-memory", "plain")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -90,6 +92,7 @@ class TrainConfig:
     train_text_encoder: bool = True
     unet_target_modules: tuple[str, ...] = UNET_TARGETS
     text_encoder_target_modules: tuple[str, ...] = TEXT_ENCODER_TARGETS
+    init: str = "gaussian"  # pissa/olora: start from the base weights' principal/QR factors (lora, dora, rslora)
     # prior preservation
     prior: bool = True
     prior_mode: str = "images"
@@ -128,6 +131,7 @@ class TrainConfig:
     log_every: int = 10
     sample_prompts: tuple[str, ...] = ()
     allow_pickle: bool = False
+    export: tuple[str, ...] = ()  # extra layouts written beside the adapter: "kohya"
     # several subjects in one run (TOML `[[subjects]]` entries; the first one fills instance_dir/token/class_noun)
     subjects: tuple[SubjectConfig, ...] = ()
     separate_adapters: bool = False
@@ -149,6 +153,7 @@ class TrainConfig:
         self.unet_target_modules = tuple(self.unet_target_modules)
         self.text_encoder_target_modules = tuple(self.text_encoder_target_modules)
         self.sample_prompts = tuple(self.sample_prompts)
+        self.export = tuple(self.export)
         self.validation_prompts = tuple(self.validation_prompts)
         self.subjects = tuple(SubjectConfig.from_value(s, f"[[subjects]] entry {i}")
                               for i, s in enumerate(self.subjects or (), 1))
@@ -191,10 +196,15 @@ class TrainConfig:
             ("--crop", self.crop, CROPS),
             ("--save-dtype", self.save_dtype, SAVE_DTYPES),
             ("--variant", self.variant, VARIANTS),
+            ("--init", self.init, INITS),
             ("--prior-mode", self.prior_mode, PRIOR_MODES),
             ("--profile", self.profile, PROFILES),
         ):
             _require(value in allowed, f"{name} must be one of {', '.join(allowed)}; got '{value}'")
+        for fmt in self.export:
+            _require(fmt in EXPORT_FORMATS, f"--export must be one of {', '.join(EXPORT_FORMATS)}; got '{fmt}'")
+        _require(self.init == "gaussian" or self.variant in ("lora", "dora", "rslora"),
+                 f"--init {self.init} works with --variant lora, dora or rslora, not {self.variant}")
         self._validate_features()
         self._validate_subjects()
 

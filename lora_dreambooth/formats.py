@@ -55,51 +55,25 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def adapter_state_dicts(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> tuple[dict, dict | None]:
-    """Diffusers-layout state dicts of the trained adapters (peft extracts, diffusers converts)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
+    """Diffusers-layout state dicts of the trained adapters (peft extracts, the variant converts)."""
+    from .adapters.payload import payload_from_models
 
-    unet_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, save_embedding_layers=False))
-    te_sd = None
-    if text_encoder is not None:
-        te_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder, save_embedding_layers=False))
-    return unet_sd, te_sd
+    payload = payload_from_models(unet, text_encoder, summary={})
+    layouts = {c: payload.variant.to_file_layout(s.state_dict) for c, s in payload.components.items()}
+    return layouts["unet"], layouts.get("text_encoder")
 
 
 def save_adapter(out_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, *,
                  summary: dict[str, Any], save_dtype: str = "fp16", filename: str = ADAPTER_FILENAME) -> Path:
-    """Write `out_dir/filename` through diffusers' `save_lora_weights`, with both metadata blocks, atomically."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.loaders.lora_base import _pack_dict_with_prefix
+    """Write `out_dir/filename` through diffusers' `save_lora_weights`, with both metadata blocks, atomically.
 
-    dtype = SAVE_DTYPES[save_dtype]
-    unet_sd, te_sd = adapter_state_dicts(unet, text_encoder)
-    cast = {k: v.detach().to("cpu", dtype).contiguous() for k, v in unet_sd.items()}
-    te_cast = {k: v.detach().to("cpu", dtype).contiguous() for k, v in te_sd.items()} if te_sd else None
-    lora_metadata = {"unet": unet.peft_config["default"].to_dict()}
-    if te_cast:
-        lora_metadata["text_encoder"] = text_encoder.peft_config["default"].to_dict()
-    packed: dict[str, Any] = {}
-    for prefix, meta in lora_metadata.items():
-        packed.update(_pack_dict_with_prefix(_jsonable(meta), prefix))
-    header = {
-        "format": "pt",
-        DIFFUSERS_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True),
-        METADATA_KEY: json.dumps(_jsonable(summary), sort_keys=True),
-    }
+    The adapter's variant strategy decides the tensors (PiSSA/OLoRA become a plain delta on the untouched base,
+    LoHa/LoKr keep peft's names) and how its config is recorded in `lora_adapter_metadata`.
+    """
+    from .adapters.payload import payload_from_models, write_diffusers_file
 
-    def save_function(weights: dict[str, torch.Tensor], path: str) -> None:
-        import safetensors.torch
-
-        with atomic_path(path) as tmp:
-            safetensors.torch.save_file(weights, str(tmp), metadata=header)
-
-    out = Path(out_dir)
-    StableDiffusionPipeline.save_lora_weights(
-        save_directory=str(out), unet_lora_layers=cast, text_encoder_lora_layers=te_cast,
-        weight_name=filename, save_function=save_function, safe_serialization=True,
-    )
-    return out / filename
+    payload = payload_from_models(unet, text_encoder, summary=summary)
+    return write_diffusers_file(Path(out_dir) / filename, payload, save_dtype=save_dtype)
 
 
 def resolve_adapter_file(path: str | Path, *, allow_pickle: bool = False) -> Path:
@@ -180,6 +154,8 @@ def inspect_adapter(path: str | Path, *, allow_pickle: bool = False) -> dict[str
             stats["bytes"] += numel * _DTYPE_BYTES.get(dtype, 4)
             stats["dtypes"][dtype] = stats["dtypes"].get(dtype, 0) + 1
             component = key.split(".", 1)[0]
+            if component.startswith(("lora_unet_", "lora_te_")):  # kohya layout: one prefix per module
+                component = "lora_unet" if component.startswith("lora_unet_") else "lora_te"
             stats["components"][component] = stats["components"].get(component, 0) + 1
     diffusers_meta = metadata.get(DIFFUSERS_METADATA_KEY)
     return {
@@ -188,21 +164,20 @@ def inspect_adapter(path: str | Path, *, allow_pickle: bool = False) -> dict[str
         "summary": read_summary(file),
         "has_diffusers_metadata": bool(diffusers_meta),
         "tensors": stats,
+        **_consumer_info(file),
     }
 
 
+def _consumer_info(file: Path) -> dict[str, Any]:
+    """Layout, variant and which consumers load the file natively (see `AdapterVariant.native_consumers`)."""
+    from .adapters.loading import read_payload_for
+
+    try:
+        payload = read_payload_for(file)
+    except UserInputError as exc:
+        return {"layout": "unknown", "variant": None, "native_consumers": {}, "unreadable": str(exc)}
+    return {"layout": payload.layout, "variant": payload.variant.name,
+            "native_consumers": payload.native_consumers()}
+
+
 _DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "F8_E4M3": 1}
-
-
-def _jsonable(value: Any) -> Any:
-    """Sets/tuples/Paths/enums to JSON-friendly values (peft configs hold sets)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = [_jsonable(v) for v in value]
-        return sorted(items, key=str) if isinstance(value, (set, frozenset)) else items
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if hasattr(value, "value"):
-        return _jsonable(value.value)
-    return str(value)

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .adapters.loading import load_into_pipeline, needs_exact_loader
 from .errors import UserInputError
 from .formats import ADAPTER_FILENAME, PICKLE_SUFFIXES, atomic_path, read_summary, resolve_adapter_file
 from .sampling import image_grid
@@ -59,6 +60,10 @@ def _load_with_diffusers(pipe: Any, file: Path, name: str, summary: dict) -> Non
                                use_safetensors=file.suffix.lower() not in PICKLE_SUFFIXES)
 
 
+def _load_exactly(pipe: Any, file: Path, name: str, summary: dict) -> None:
+    load_into_pipeline(pipe, file, name)
+
+
 def load_adapter(pipe: Any, path: str | Path, name: str | None = None, *, allow_pickle: bool = False) -> str:
     """Load a lora-dreambooth adapter (or any diffusers-loadable LoRA) into ``pipe``; return its adapter name.
 
@@ -80,6 +85,8 @@ def load_adapter(pipe: Any, path: str | Path, name: str | None = None, *, allow_
     if not is_pickle:
         _check_fits_pipeline(pipe, file)
     loader = _LOADERS.get(str(summary.get("variant", "lora")), _load_with_diffusers)
+    if not is_pickle and needs_exact_loader(file):  # DoRA text encoder, LoHa, LoKr: diffusers is inexact or refuses
+        loader = _load_exactly
     try:
         loader(pipe, file, name, summary)
         _check_loaded_shapes(pipe, file, name)

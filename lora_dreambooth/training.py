@@ -27,6 +27,7 @@ from .data import EpochSampler, LatentCache, load_examples
 from .errors import TrainingDiverged, UserInputError
 from .formats import ADAPTER_FILENAME, save_adapter, write_text_atomic
 from .losses import add_noise_offset, denoising_target, dreambooth_loss, min_snr_weights, snr_table
+from .model_card import finish_adapter_folder
 from .models import load_base, resolve_base
 from .optim import build_lr_scheduler, build_optimizer
 from .priors import check_manifest, default_class_dir, generate_class_images, plan_class_images, write_manifest
@@ -249,7 +250,7 @@ class DreamBoothRecipe:
         self.variant = get_variant(cfg.variant)
         self.adapters = inject_adapters(unet, text_encoder, self.variant, rank=cfg.rank, alpha=cfg.alpha,
                                         unet_targets=cfg.unet_target_modules,
-                                        text_encoder_targets=cfg.text_encoder_target_modules)
+                                        text_encoder_targets=cfg.text_encoder_target_modules, init=cfg.init)
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             if text_encoder is not None:
@@ -484,6 +485,7 @@ class DreamBoothRecipe:
             write_text_atomic(self.out / "train_config.toml", cfg.to_toml())
             if cfg.sample_prompts:
                 self._write_samples()
+            finish_adapter_folder(result.adapter_path, self.summary(result.steps_done), export=cfg.export)
         acc.end_training()
         return result
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .variants import AdapterVariant
+from .variants import AdapterVariant, remember_initial_factors
 
 ADAPTER_NAME = "default"
 
@@ -35,6 +35,10 @@ def inject_adapters(unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
     if text_encoder is not None:
         te_config = variant.peft_config(rank, alpha, text_encoder_targets, init)
         text_encoder.add_adapter(te_config, adapter_name=ADAPTER_NAME)
+    if init in ("pissa", "olora"):  # they moved part of each base weight into A0/B0: export needs them
+        for model in (unet, text_encoder):
+            if model is not None:
+                remember_initial_factors(model, ADAPTER_NAME)
     for model in (unet, text_encoder):
         if model is None:
             continue

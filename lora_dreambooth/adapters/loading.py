@@ -1,0 +1,118 @@
+"""Loading any adapter file we write or import (every variant, diffusers or kohya/LyCORIS layout) into a pipeline.
+
+diffusers' `load_lora_weights` reproduces plain LoRA, rsLoRA (with metadata) and DoRA on the UNet exactly, but
+drops DoRA's text-encoder magnitudes and rejects LoHa and LoKr (measured with diffusers 0.42.1 / peft 0.21.2).
+Here every component goes through its variant strategy's `load_component` (peft's own injection and state-dict
+loader), which is exact for all of them, and the models are marked the way diffusers marks them, so
+`set_adapters`, `disable_lora`, `delete_adapters` and `unload_lora_weights` work on the result.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserInputError
+from .payload import AdapterPayload, read_payload
+
+
+def load_into_pipeline(pipe: Any, file: str | Path, adapter_name: str | None = None) -> str:
+    """Load the adapter `file` into `pipe` (UNet and text encoder) under `adapter_name`; return the name.
+
+    The new adapter becomes the active one at strength 1. A component the file has no weights for is left alone.
+    """
+    module_names = {c: [n for n, _ in getattr(pipe, c).named_modules()] for c in ("unet", "text_encoder")
+                    if getattr(pipe, c, None) is not None}
+    payload = read_payload_for(file, module_names)
+    name = adapter_name or _free_name(pipe)
+    for component in payload.components:
+        model = getattr(pipe, component, None)
+        if model is None:
+            raise UserInputError(f"adapter '{file}' has weights for '{component}', which this pipeline lacks")
+        if name in getattr(model, "peft_config", {}):
+            raise UserInputError(f"adapter name '{name}' is already used in this pipeline's {component}")
+    loaded: list[str] = []
+    try:
+        for component, state in payload.components.items():
+            payload.variant.load_component(getattr(pipe, component), state.state_dict, state.config, name)
+            loaded.append(component)
+    except Exception as exc:
+        _remove(pipe, loaded + [c for c in payload.components if c not in loaded], name)
+        if isinstance(exc, UserInputError):
+            raise
+        raise UserInputError(f"adapter '{file}' does not fit this pipeline: {type(exc).__name__}: "
+                             f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}") from None
+    _activate(pipe, loaded, name)
+    return name
+
+
+def read_payload_for(file: str | Path, module_names: dict[str, list[str]] | None = None) -> AdapterPayload:
+    """Read `file` (kohya names resolved against `module_names` when given); unreadable files are user errors."""
+    from safetensors.torch import load_file
+
+    from ..formats import read_file_metadata
+    from ..kohya import is_kohya_state_dict, payload_from_kohya
+
+    try:
+        tensors = load_file(str(file))
+        if is_kohya_state_dict(tensors):
+            return payload_from_kohya(tensors, read_file_metadata(file), module_names=module_names)
+        return read_payload(file)
+    except UserInputError:
+        raise
+    except Exception as exc:
+        raise UserInputError(f"adapter '{file}' cannot be read: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def needs_exact_loader(file: str | Path) -> bool:
+    """Whether diffusers' `load_lora_weights` would NOT reproduce `file` exactly (so `load_into_pipeline` must).
+
+    Reads the safetensors header only.
+    """
+    from safetensors import safe_open
+
+    from ..formats import DIFFUSERS_METADATA_KEY
+    from .payload import unpack_component_configs
+    from .variants import variant_for_config
+
+    with safe_open(str(file), framework="pt") as fh:
+        keys = list(fh.keys())
+        metadata = fh.metadata() or {}
+    if any(marker in k for k in keys for marker in ("hada_", "lokr_", "dora_scale")):
+        return True
+    configs = unpack_component_configs(metadata.get(DIFFUSERS_METADATA_KEY))
+    for component, config in configs.items():
+        try:
+            variant = variant_for_config(config)
+        except ValueError:
+            return True
+        if not getattr(variant, f"diffusers_native_{component}", False):
+            return True
+    return False
+
+
+def _free_name(pipe: Any) -> str:
+    taken = {n for c in ("unet", "text_encoder") for n in getattr(getattr(pipe, c, None), "peft_config", {})}
+    index = 0
+    while f"default_{index}" in taken:
+        index += 1
+    return f"default_{index}"
+
+
+def _activate(pipe: Any, components: list[str], name: str) -> None:
+    """Make `name` the active adapter, at strength 1, of the components it was loaded into (as diffusers does)."""
+    from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
+    for component in components:
+        set_weights_and_activate_adapters(getattr(pipe, component), [name], [1.0])
+
+
+def _remove(pipe: Any, components: list[str], name: str) -> None:
+    """Undo a half-finished load (e.g. the UNet part loaded, the text encoder failed)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for component in components:
+        model = getattr(pipe, component)
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer) and name in module._get_available_adapters():
+                module.delete_adapter(name)
+        getattr(model, "peft_config", {}).pop(name, None)
