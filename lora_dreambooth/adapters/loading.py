@@ -79,7 +79,10 @@ def needs_exact_loader(file: str | Path) -> bool:
         metadata = fh.metadata() or {}
     if any(marker in k for k in keys for marker in ("hada_", "lokr_", "dora_scale")):
         return True
-    configs = unpack_component_configs(metadata.get(DIFFUSERS_METADATA_KEY))
+    try:
+        configs = unpack_component_configs(metadata.get(DIFFUSERS_METADATA_KEY))
+    except (ValueError, AttributeError):  # malformed metadata: diffusers' loader gives its own error
+        return False
     for component, config in configs.items():
         try:
             variant = variant_for_config(config)
