@@ -274,14 +274,16 @@ def generate(base: str, adapters: tuple[str, ...], prompt: str, out_dir: str, ne
              steps: int, guidance: float, seed: int, height: int | None, width: int | None, device: str | None,
              allow_pickle: bool) -> None:
     """Generate images with trained adapters and write them to --out."""
+    from .formats import resolve_adapter_file
     from .inference import GenerationRequest, ResidentPipeline, parse_adapter_spec, save_generation
 
     specs = [parse_adapter_spec(spec) for spec in adapters]
     request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                 seed=seed, num_images=num_images, height=height, width=width)
     request.validated()  # fail on bad settings before loading anything
+    files = [resolve_adapter_file(path, allow_pickle=allow_pickle) for path, _ in specs]  # missing, pickle, broken
     resident = ResidentPipeline.from_base(base, device=device, allow_pickle=allow_pickle)
-    names = [resident.add(path) for path, _ in specs]
+    names = [resident.add(file) for file in files]
     result = resident.generate(dataclasses.replace(request, adapters=tuple(zip(names, (w for _, w in specs)))))
     for path in save_generation(result, out_dir):
         click.echo(f"Wrote {path}")

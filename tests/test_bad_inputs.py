@@ -410,3 +410,66 @@ def test_adapter_without_metadata_still_inspects(tmp_path, capsys):
     run = cli_in_process(capsys, "inspect", path)
     assert run.returncode == 0, run.stderr
     assert "none from lora-dreambooth" in run.stdout and "loaders assume alpha = rank" in run.stdout
+
+
+# --- adapter files given to `generate` --------------------------------------------------------------------------
+
+def generate_args(base: Path, adapter: Path, out: Path) -> list[str]:
+    return ["generate", "--base", str(base), "--adapter", str(adapter), "--prompt", "a photo of sks dog", "--out",
+            str(out), "--num-images", "1", "--steps", "2", "--height", "32", "--width", "32", "--device", "cpu"]
+
+
+def test_bad_adapter_files_for_generate_fail_before_the_base_loads(tmp_path, tiny_base, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    from lora_dreambooth import models
+
+    def tripped(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the adapter file was checked")
+
+    monkeypatch.setattr(models, "load_base", tripped)
+    marker = tmp_path / "pickle-was-loaded"
+    good = tmp_path / "good.safetensors"
+    save_file(lora_tensors(), str(good))
+    data = good.read_bytes()
+    (tmp_path / "empty-folder").mkdir()
+    cases = {
+        "missing.safetensors": (None, ("does not exist",)),
+        "empty-folder": (None, (f"has no {ADAPTER_FILENAME}",)),
+        "text.safetensors": (b"not tensors\n", ("not a valid .safetensors file",)),
+        "truncated.safetensors": (data[: len(data) - 40], ("truncated",)),
+    }
+    for name, (content, fragments) in cases.items():
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+        out = tmp_path / f"out-{name}"
+        assert_refused(cli_in_process(capsys, *generate_args(tiny_base, tmp_path / name, out)), f"'{tmp_path / name}",
+                       *fragments, out=out)
+    pickled = write_pickle_trap(tmp_path / "adapter.bin", marker)
+    assert_refused(cli_in_process(capsys, *generate_args(tiny_base, pickled, tmp_path / "o")), "pickle file",
+                   "--allow-pickle", out=tmp_path / "o")
+    assert not marker.exists(), "a pickle was unpickled"
+
+
+def test_adapters_for_another_architecture_or_without_metadata(tmp_path, tiny_base, capsys):
+    from safetensors.torch import save_file
+
+    sdxl_key = "unet.down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k"
+    other = {
+        "sdxl-unet.safetensors": ({f"{sdxl_key}.lora_A.weight": torch.randn(4, 2048),
+                                   f"{sdxl_key}.lora_B.weight": torch.zeros(1280, 4)}, "another architecture"),
+        "sdxl-te2.safetensors": ({"text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight":
+                                  torch.randn(4, 1280)}, "'text_encoder_2', which this pipeline lacks"),
+        "wide.safetensors": (lora_tensors(width=768), "takes 768 inputs, the layer has 32"),
+    }
+    for name, (tensors, fragment) in other.items():
+        save_file(tensors, str(tmp_path / name))
+        out = tmp_path / f"out-{name}"
+        assert_refused(cli_in_process(capsys, *generate_args(tiny_base, tmp_path / name, out)), f"'{tmp_path / name}'",
+                       fragment, out=out)
+    plain = tmp_path / "no-metadata.safetensors"
+    save_file(lora_tensors(), str(plain))  # fits the tiny UNet, written by "another tool": no metadata at all
+    run = cli_in_process(capsys, *generate_args(tiny_base, plain, tmp_path / "images"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"Warning: adapter '{plain}' has no lora-dreambooth metadata" in run.stderr
+    assert (tmp_path / "images" / "image-00-seed0.png").is_file()
