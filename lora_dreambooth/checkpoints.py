@@ -7,6 +7,7 @@ pruned only after the new one exists.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -26,7 +27,8 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 #: Options that may change between a checkpoint and its resumption without changing the maths.
 RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "checkpoint_every", "checkpoints_total_limit", "log_every",
                                "sample_prompts", "output_dir", "skip_bad_images", "instance_dir", "class_dir",
-                               "allow_pickle", "compile"})
+                               "allow_pickle", "compile", "export", "validation_prompts", "validation_every",
+                               "validation_inference_steps"})
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -100,6 +102,13 @@ def read_checkpoint_state(checkpoint: Path) -> dict[str, Any]:
 
 def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
     """Refuse to resume when an option that changes the maths differs from the checkpoint's."""
+    from .config import TrainConfig
+
+    # An option absent from an older checkpoint had its default then (fields added later default to old behaviour).
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+    saved = {**defaults, **saved}
+    current = {**defaults, **current}
     keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
     changed = sorted(k for k in keys if saved.get(k) != current.get(k))
     if changed:
