@@ -112,28 +112,76 @@ def to_pixels(image: Image.Image, size: int, *, flip: bool = False, random_crop:
 
 
 @torch.no_grad()
-def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor, *, generator: torch.Generator | None = None,
-                   batch_size: int = 8) -> torch.Tensor:
-    """VAE latents (already multiplied by the scaling factor) of a pixel batch, in fp32, chunked."""
+def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor, *,
+                   generator: torch.Generator | list[torch.Generator] | None = None, batch_size: int = 8
+                   ) -> torch.Tensor:
+    """VAE latents (already multiplied by the scaling factor) of a pixel batch, in fp32, chunked.
+
+    `generator`: one for the whole batch, one per image (a list), or None for the posterior mean.
+    """
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
     out = []
-    for chunk in pixels.split(batch_size):
+    for start in range(0, pixels.shape[0], batch_size):
+        chunk = pixels[start:start + batch_size]
         dist = vae.encode(chunk.to(device, dtype)).latent_dist
-        sample = dist.sample(generator=generator) if generator is not None else dist.mean
+        if isinstance(generator, list):
+            noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g, device=device, dtype=dist.mean.dtype)
+                                 for g in generator[start:start + batch_size]])
+            sample = dist.mean + dist.std * noise
+        else:
+            sample = dist.sample(generator=generator) if generator is not None else dist.mean
         out.append(sample.float() * vae.config.scaling_factor)
     return torch.cat(out)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a job split across `world` processes; `gather` concatenates equal-shaped tensors
+    from every rank in rank order (e.g. `accelerator.gather`)."""
+
+    rank: int
+    world: int
+    gather: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _encode_sharded(vae: torch.nn.Module, pixels: torch.Tensor, seed: int, shard: Shard | None) -> torch.Tensor:
+    """Encode this rank's slice (all of it without a shard) with per-image generators, then gather."""
+    n = pixels.shape[0]
+    rank, world = (shard.rank, shard.world) if shard else (0, 1)
+    per_rank = -(-n // world)
+    start, stop = min(rank * per_rank, n), min((rank + 1) * per_rank, n)
+    device = next(vae.parameters()).device
+    generators = [torch.Generator(device=device).manual_seed(seed * 1_000_003 + i) for i in range(start, stop)]
+    log.debug("rank %d encodes latents of images %d-%d of %d", rank, start, stop, n)
+    local = encode_latents(vae, pixels[start:stop], generator=generators) if stop > start else None
+    if shard is None or world == 1:
+        return local
+    shape = (per_rank, *(local.shape[1:] if local is not None else _latent_shape(vae, pixels)))
+    padded = torch.zeros(shape, device=device)
+    if local is not None:
+        padded[: local.shape[0]] = local
+    return shard.gather(padded)[:n]
+
+
+def _latent_shape(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[int, int, int]:
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae.config.latent_channels, pixels.shape[-2] // factor, pixels.shape[-1] // factor
+
+
 class LatentCache:
-    """Latents of every example encoded once (both orientations when flipping), so the VAE leaves the loop."""
+    """Latents of every example encoded once (both orientations when flipping), so the VAE leaves the loop.
+
+    With a `shard`, each process encodes only its contiguous slice of the examples and the slices are gathered,
+    so every rank ends up with all latents while the VAE work is split. Each image's posterior sample comes
+    from its own generator (seed, index, orientation): the latents do not depend on how the work was split.
+    """
 
     def __init__(self, vae: torch.nn.Module, examples: list[Example], resolution: int, *, flip: bool,
-                 seed: int, device: torch.device | str):
-        generator = torch.Generator(device=next(vae.parameters()).device).manual_seed(seed)
+                 seed: int, device: torch.device | str, shard: Shard | None = None):
         pixels = torch.stack([to_pixels(e.image, resolution) for e in examples])
-        self.plain = encode_latents(vae, pixels, generator=generator).to(device)
-        self.flipped = encode_latents(vae, pixels.flip(-1), generator=generator).to(device) if flip else None
+        self.plain = _encode_sharded(vae, pixels, seed * 2, shard).to(device)
+        self.flipped = _encode_sharded(vae, pixels.flip(-1), seed * 2 + 1, shard).to(device) if flip else None
 
     def __len__(self) -> int:
         return self.plain.shape[0]

@@ -54,6 +54,8 @@ def test_two_ranks_train_one_adapter(two_rank_run):
     for rank, images in re.findall(r"rank (\d) micro-batch \d+ instance images \[([\d, ]+)\]", log):
         seen[int(rank)].update(int(i) for i in images.split(","))
     assert seen[0] and seen[1] and seen[0] != seen[1], seen
+    shards = re.findall(r"rank (\d) encodes latents of images (\d+)-(\d+) of (\d+)", log)
+    assert {(r, a, b) for r, a, b, n in shards if n == "5"} == {("0", "0", "3"), ("1", "3", "5")}, shards
     digests = dict(re.findall(r"rank (\d) adapter sha256 (\w+)", log))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], digests
     assert "effective batch: 2 process(es) x 1 image(s) x 1 accumulation = 2" in log
