@@ -26,7 +26,7 @@ from lora_dreambooth.checkpoints import list_checkpoints
 from lora_dreambooth.errors import UserInputError
 from lora_dreambooth.formats import ADAPTER_FILENAME, resolve_adapter_file
 
-from .conftest import cli_in_process
+from .conftest import REPO, cli_in_process
 
 STEPS = 24
 SETTINGS = dict(resolution=32, steps=STEPS, num_class_images=2, class_inference_steps=2, lr=1e-3, save_dtype="fp32",
@@ -79,7 +79,8 @@ def kill_9_while_writing(tmp_path: Path, target: str, *args: str) -> None:
     log = tmp_path / "driver.log"
     with open(log, "w") as stream:
         proc = subprocess.Popen([sys.executable, str(driver), target, *args], stdout=stream, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                                     "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
     try:
         _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns when it stops (or ends)
     except BaseException:
