@@ -307,6 +307,31 @@ def serve(base: str, adapters_dir: str, host: str, port: int, share: bool, devic
     run_server(base, adapters_dir, host=host, port=port, share=share, device=device, fuse=fuse, max_queue=max_queue)
 
 
+@cli.command()
+@click.option("--base", required=True, help="Base SD v1.x model: a local diffusers folder or a hub id.")
+@click.option("--adapter", required=True, help="Adapter folder or .safetensors file to evaluate.")
+@click.option("--real-dir", required=True, help="Folder of real photos of the subject (the DINO / CLIP-I reference).")
+@click.option("--kind", type=click.Choice(["object", "live"]), required=True, help="DreamBench prompt set.")
+@click.option("--out", "out_dir", required=True, help="Where scores.json, per_prompt.csv and the contact sheet go.")
+@click.option("--images-per-prompt", default=4, show_default=True, help="Images per prompt (the paper uses 4).")
+@click.option("--prompts", "prompts_file", default=None, help="Own prompt file ({unique_token}/{class_token}).")
+@click.option("--clip", default="openai/clip-vit-base-patch32", show_default=True, help="CLIP model (folder or hub id).")
+@click.option("--dino", default="facebook/dino-vits16", show_default=True, help="DINO ViT-S/16 model (folder or hub id).")
+@click.option("--seed", default=0, show_default=True, help="Image k of a prompt uses seed + k.")
+@click.option("--steps", default=50, show_default=True, help="Denoising steps per image.")
+@click.option("--guidance", default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--size", default=None, type=int, help="Image size. [the adapter's training resolution]")
+@click.option("--compare-base", is_flag=True, help="Also score the base model without the adapter.")
+@click.option("--token", default=None, help="Override the token from the adapter's metadata.")
+@click.option("--class-noun", default=None, help="Override the class noun from the adapter's metadata.")
+@click.option("--device", default=None, help="cuda, cpu, ... [cuda if available]")
+def evaluate(**options: Any) -> None:
+    """DreamBench scores (DINO, CLIP-I, CLIP-T) of an adapter, comparable with the DreamBooth paper."""
+    from .evaluation import evaluate_adapter
+
+    click.echo(evaluate_adapter(**options))
+
+
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
@@ -329,8 +354,19 @@ def setup_logging(level: int = logging.INFO) -> None:
     logger.propagate = False
 
 
+def quiet_third_party_logs() -> None:
+    """Keep the terminal to our own messages: transformers' torchvision notice, bitsandbytes' `kernels` notice."""
+    import os
+
+    verbose = any(a in ("-v", "--verbose") for a in sys.argv[1:3])
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps our errors to exit codes and one-line messages."""
+    quiet_third_party_logs()
     try:
         cli.main(args=argv, prog_name="lora-dreambooth", standalone_mode=False)
     except click.exceptions.Abort:
