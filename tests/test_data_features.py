@@ -26,6 +26,9 @@ from lora_dreambooth.training import DreamBoothRecipe, train
 
 from .conftest import run_cli
 
+# On a GPU the training runs the fast profile, whose kernels are not bitwise repeatable: compare with a tolerance.
+EXACT = {"atol": 0.0, "rtol": 0.0} if not torch.cuda.is_available() else {"atol": 1e-4, "rtol": 1e-3}
+
 
 def _config(instance_dir, base, out, **overrides) -> TrainConfig:
     values = dict(instance_dir=str(instance_dir), base=str(base), token="sks", class_noun="dog", output_dir=str(out),
@@ -124,17 +127,17 @@ def test_two_subjects_one_adapter_knows_both(tmp_path, tiny_base, dog_dir, cat_d
         rows = [i for i, e in enumerate(recipe.instance) if e.subject == subject.index]
         latents = recipe.instance_latents.plain[rows]
         ids = recipe.prompt_ids[[recipe.prompt_row[subject.instance_prompt]] * len(rows)]
-        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(5))
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(5)).to(latents.device)
+        steps = [torch.full((len(rows),), t, device=latents.device) for t in (100, 400, 700)]
         losses = {}
         for enabled in (False, True):
             for model in (unet, te):
                 model.enable_adapters() if enabled else model.disable_adapters()
             with torch.no_grad():
                 hidden = te(ids)[0]
-                losses[enabled] = sum(
-                    torch.nn.functional.mse_loss(unet(recipe.base.noise_scheduler.add_noise(
-                        latents, noise, torch.full((len(rows),), t)), torch.full((len(rows),), t), hidden).sample,
-                        noise).item() for t in (100, 400, 700))
+                losses[enabled] = sum(torch.nn.functional.mse_loss(
+                    unet(recipe.base.noise_scheduler.add_noise(latents, noise, t), t, hidden).sample, noise).item()
+                    for t in steps)
         assert losses[True] < losses[False], (subject.token, losses)
 
 
@@ -328,9 +331,10 @@ def test_model_prior_is_zero_for_an_untrained_adapter(tmp_path, tiny_base, dog_d
     prediction = recipe.unet(noisy, timesteps, hidden).sample
     prior_target = recipe._base_prediction(noisy[2:], timesteps[2:], rows[2:])
     _, instance, prior = dreambooth_loss(prediction, torch.cat([noise[:2], prior_target]), 2, 1.0)
-    assert prior.item() < 1e-10 and instance.item() > 0.1
+    assert prior.item() < (1e-10 if not torch.cuda.is_available() else 1e-5 * instance.item())
+    assert instance.item() > 0.1
     total = recipe._loss(prediction, latents, noise, noisy, timesteps, rows, None)
-    torch.testing.assert_close(total, instance)
+    torch.testing.assert_close(total, instance, **EXACT)
     assert [p for p in recipe.base.unet.parameters() if p.requires_grad] == trainable  # adapters trainable again
     result = recipe.save(recipe.train())
     assert np.isfinite(result.last_loss)
@@ -381,7 +385,8 @@ def test_validation_grids_at_the_right_steps_without_changing_training(tmp_path,
     assert np.abs(a.astype(int) - b.astype(int)).max() > 0  # the adapter changed between the two steps
     train(cfg.replace(validation_prompts=(), validation_every=0, output_dir=str(tmp_path / "without")))
     with_v, without_v = load_file(str(out / ADAPTER_FILENAME)), load_file(str(tmp_path / "without" / ADAPTER_FILENAME))
-    assert all(torch.equal(with_v[k], without_v[k]) for k in with_v)  # validation draws no training randomness
+    for key in with_v:  # validation draws no training randomness (GPU kernels are not bitwise repeatable)
+        torch.testing.assert_close(with_v[key], without_v[key], **EXACT)
     events = list((out / "logs").rglob("events.out.tfevents.*"))
     if events:  # tensorboard installed: the grids are logged as images too
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
