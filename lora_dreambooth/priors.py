@@ -73,8 +73,9 @@ def generate_class_images(pipeline_factory: Callable[[], object], plan: ClassIma
     for start in range(0, len(plan.missing_indices), batch_size):
         chunk = plan.missing_indices[start:start + batch_size]
         generators = [torch.Generator(device=device).manual_seed(seed + i) for i in chunk]
-        images = pipe(prompt=[prompt] * len(chunk), height=resolution, width=resolution,
-                      num_inference_steps=steps, generator=generators).images
+        latents = pipe(prompt=[prompt] * len(chunk), height=resolution, width=resolution,
+                       num_inference_steps=steps, generator=generators, output_type="latent").images
+        images = decode_latents(pipe, latents)
         for index, image in zip(chunk, images):
             with atomic_path(plan.folder / CLASS_IMAGE_PATTERN.format(index=index)) as tmp:
                 image.save(tmp, format="PNG")
@@ -82,6 +83,14 @@ def generate_class_images(pipeline_factory: Callable[[], object], plan: ClassIma
         if progress:
             progress(len(chunk))
     return done
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> list:
+    """Decode in the VAE's own dtype (kept fp32 for training), whatever dtype the UNet produced the latents in."""
+    vae = pipe.vae
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(images, output_type="pil")
 
 
 def write_manifest(folder: Path, *, base: str, prompt: str, resolution: int, seed: int, steps: int) -> None:
