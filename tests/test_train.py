@@ -211,3 +211,21 @@ def test_resume_from_checkpoint_is_bit_exact(tmp_path, tiny_base, dog_dir):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_bf16_run_is_repeatable_when_class_images_are_reused(tmp_path, tiny_base, dog_dir):
+    """The first run generates class images, the second reuses them: the VAE must not be left bf16-rounded."""
+    outs = []
+    for name in ("first", "second"):
+        cfg = _config(dog_dir, tiny_base, tmp_path / name, mixed_precision="bf16", steps=2,
+                      class_dir=str(tmp_path / "class"))
+        outs.append(load_file(str(_train_and_save(cfg))))
+    assert outs[0].keys() == outs[1].keys()
+    for key in outs[0]:
+        assert torch.equal(outs[0][key], outs[1][key]), key
+
+
+def _train_and_save(cfg: TrainConfig) -> Path:
+    recipe = DreamBoothRecipe(cfg)
+    recipe.setup()
+    return recipe.save(recipe.train()).adapter_path
