@@ -116,6 +116,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     profile: str = "auto"
     compile: bool = False
+    max_vram: str | None = None  # e.g. "4GB": with profile auto, the fastest settings predicted to fit
     # data
     resolution: int = 512
     crop: str = "center"
@@ -201,6 +202,10 @@ class TrainConfig:
             ("--profile", self.profile, PROFILES),
         ):
             _require(value in allowed, f"{name} must be one of {', '.join(allowed)}; got '{value}'")
+        if self.max_vram is not None:
+            parse_size(self.max_vram, option="--max-vram")
+            _require(self.profile == "auto",
+                     f"--max-vram chooses the profile itself; leave --profile at auto (got '{self.profile}')")
         for fmt in self.export:
             _require(fmt in EXPORT_FORMATS, f"--export must be one of {', '.join(EXPORT_FORMATS)}; got '{fmt}'")
         _require(self.init == "gaussian" or self.variant in ("lora", "dora", "rslora"),
@@ -321,6 +326,22 @@ def mirror_first_subject(data: Mapping[str, Any]) -> dict[str, Any]:
                 if not out.get(key) and first.get(key):
                     out[key] = first[key]
     return out
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int | float, *, option: str = "size") -> int:
+    """Bytes in "4GB", "3.5GiB", "1500M" or a plain number; GB and GiB both mean 2**30 here, as on GPU labels."""
+    raw = str(text).strip().upper().replace(" ", "")
+    number = raw.rstrip("BI").rstrip("KMGT") if raw else raw
+    unit = raw[len(number):].rstrip("B").rstrip("I")
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    _require(value > 0 and unit in _SIZE_UNITS, f"{option} must be a size such as 4GB, 3.5GiB or 1500MB; got '{text}'")
+    return int(value * _SIZE_UNITS[unit])
 
 
 def fill_prompt(template: str, token: str, class_noun: str) -> str:
