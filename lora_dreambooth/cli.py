@@ -50,7 +50,9 @@ TRAIN_HELP: dict[str, str] = {
     "optimizer": "adamw, or adamw8bit (bitsandbytes).",
     "weight_decay": "AdamW weight decay.",
     "max_grad_norm": "Gradient clipping (0 disables).",
-    "mixed_precision": "Compute precision of the frozen model; adapter weights stay fp32.",
+    "mixed_precision": "Compute precision of the frozen model; adapter weights stay fp32. auto: bf16 on GPUs that "
+                       "support it, fp16 on older GPUs, no on CPU.",
+    "max_vram": "With --profile auto: pick the fastest settings predicted to fit this much GPU memory (e.g. 4GB).",
     "gradient_checkpointing": "Trade speed for memory.",
     "profile": "Speed/memory profile.",
     "compile": "torch.compile the UNet (GPU).",

@@ -20,7 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CROPS = ("center", "random")
@@ -112,7 +112,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"  # bf16 on GPUs that have it, fp16 on older GPUs, no (fp32) on CPU
     gradient_checkpointing: bool = False
     profile: str = "auto"
     compile: bool = False

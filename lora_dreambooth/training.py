@@ -23,7 +23,7 @@ from .captions import dropout_mask
 from .checkpoints import (check_resume_compatible, install_adapter_hooks, latest_checkpoint, read_checkpoint_state,
                           save_checkpoint)
 from .config import TrainConfig
-from .data import EpochSampler, LatentCache, load_examples
+from .data import EpochSampler, LatentCache, Shard, load_examples
 from .errors import TrainingDiverged, UserInputError
 from .fast import CudaGraphStep, checkpoint_without_rng_state, compile_in_place, make_optimizer_capturable
 from .formats import ADAPTER_FILENAME, save_adapter, write_text_atomic
@@ -59,6 +59,8 @@ class DreamBoothRecipe:
     """One training run. `setup()` builds everything, `train()` runs the loop, `save()` writes the adapter."""
 
     def __init__(self, config: TrainConfig):
+        if config.mixed_precision == "auto":  # the effective choice is what gets saved and checked on resume
+            config = config.replace(mixed_precision=auto_mixed_precision())
         self.cfg = config
         self.out = Path(config.output_dir)
         self.start_step = 0
@@ -76,6 +78,7 @@ class DreamBoothRecipe:
         resolve_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle)
         self.accelerator = self._make_accelerator()
         self.device = self.accelerator.device
+        log.info("process %d/%d on %s", self.accelerator.process_index, self.accelerator.num_processes, self.device)
         self.weight_dtype = WEIGHT_DTYPES[self.cfg.mixed_precision]
         self.total_steps = self.cfg.total_steps(len(self.instance))
         self.base = load_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle)
@@ -190,11 +193,12 @@ class DreamBoothRecipe:
         if cfg.buckets:
             self._cache_bucket_latents(vae)
         else:
+            shard = Shard(acc.process_index, acc.num_processes, acc.gather) if acc.num_processes > 1 else None
             self.instance_latents = LatentCache(vae, self.instance, cfg.resolution, flip=cfg.flip, seed=cfg.seed,
-                                                device=self.device)
+                                                device=self.device, shard=shard)
             if self.class_examples:
                 self.class_latents = LatentCache(vae, self.class_examples, cfg.resolution, flip=cfg.flip,
-                                                 seed=cfg.seed + 1, device=self.device)
+                                                 seed=cfg.seed + 1, device=self.device, shard=shard)
             self.instance_sampler = EpochSampler(len(self.instance), cfg.batch_size, cfg.seed, cfg.flip,
                                                  acc.process_index, acc.num_processes)
         if self.class_examples:
@@ -432,6 +436,9 @@ class DreamBoothRecipe:
     def _batch(self, micro_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents and prompt rows of this rank's micro-batch: instance images first, then class images."""
         idx, flips = self.instance_sampler.indices(micro_index)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("rank %d micro-batch %d instance images %s", self.accelerator.process_index, micro_index,
+                      idx.tolist())
         latents = self.instance_latents.batch(idx, flips)
         rows = self.instance_rows[idx.to(self.device)]
         if self.cfg.caption_dropout > 0:
@@ -528,6 +535,8 @@ class DreamBoothRecipe:
         """Write the adapter (diffusers layout + metadata), `train_config.toml`, and optional sample images."""
         acc, cfg = self.accelerator, self.cfg
         acc.wait_for_everyone()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("rank %d adapter sha256 %s", acc.process_index, _params_digest(self.params))
         if acc.is_main_process:
             unet = acc.unwrap_model(self.unet)
             te = acc.unwrap_model(self.text_encoder) if self.text_encoder is not None else None
@@ -589,6 +598,25 @@ def _has_tensorboard() -> bool:
     except ImportError:
         return False
     return True
+
+
+def auto_mixed_precision() -> str:
+    """bf16 where the GPU supports it, fp16 on older GPUs (e.g. T4), no (fp32) on CPU."""
+    import os
+
+    if not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _params_digest(params: list[torch.Tensor]) -> str:
+    """A checksum of the adapter weights (lets a multi-process test see that ranks hold identical adapters)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in params:
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _reset_single_process_state() -> None:

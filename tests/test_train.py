@@ -61,7 +61,7 @@ def test_saved_adapter_loads_in_plain_diffusers_and_matches_memory(trained, tiny
 
 
 def test_adapter_file_metadata(trained):
-    _, result, cfg = trained
+    recipe, result, cfg = trained
     raw = read_file_metadata(result.adapter_path)
     lora_meta = json.loads(raw["lora_adapter_metadata"])
     assert lora_meta["unet.r"] == 4 and lora_meta["unet.lora_alpha"] == 4.0
@@ -73,7 +73,8 @@ def test_adapter_file_metadata(trained):
     keys = load_file(str(result.adapter_path)).keys()
     assert any(k.startswith("unet.") for k in keys) and any(k.startswith("text_encoder.") for k in keys)
     saved = tomllib.loads((Path(cfg.output_dir) / "train_config.toml").read_text())
-    assert TrainConfig.from_dict(saved) == cfg
+    assert TrainConfig.from_dict(saved) == recipe.cfg  # the effective config: mixed precision resolved
+    assert cfg.mixed_precision == "auto" and saved["mixed_precision"] == ("bf16" if torch.cuda.is_available() else "no")
 
 
 def test_training_lowers_instance_loss(trained):
