@@ -628,6 +628,7 @@ class ResidentPipeline:
         self._adapters: dict[str, ResidentAdapter] = {}
         self._active: tuple[tuple[str, float], ...] | None = None
         self._fused: tuple[tuple[str, float], ...] | None = None
+        self._restore_wrappers: list[Callable[[], None]] = []
         self._lock = threading.RLock()
         pipe.set_progress_bar_config(disable=True)
 
@@ -736,13 +737,21 @@ class ResidentPipeline:
                 self.pipe.enable_lora()
                 self.pipe.set_adapters([e.adapter_name for e in entries], adapter_weights=[w for _, w in mix])
                 if self.fuse:
+                    from .fast import bypass_merged_adapters
+
                     self.pipe.fuse_lora(components=list(LORA_COMPONENTS),
                                         adapter_names=[e.adapter_name for e in entries])
+                    # merged peft wrappers still cost a Python call per layer: take them out of the forward path
+                    self._restore_wrappers = [bypass_merged_adapters(getattr(self.pipe, c))
+                                              for c in LORA_COMPONENTS if getattr(self.pipe, c, None) is not None]
                     self._fused = mix
             self._active = mix
 
     def _unfuse(self) -> None:
         if self._fused is not None:
+            for restore in self._restore_wrappers:
+                restore()
+            self._restore_wrappers = []
             self.pipe.unfuse_lora(components=list(LORA_COMPONENTS))
             self._fused = None
             self._active = None

@@ -172,6 +172,8 @@ def test_fused_output_matches_unfused(resident):
     try:
         fused_dog = ours(resident, ("sks-dog", 1.0))
         assert resident.stats()["fused"]
+        # merged wrappers are out of the forward path (base-speed generation), yet can still be unfused
+        assert not any(getattr(m, "merged", False) for m in resident.pipe.unet.modules())
         fused_dog_again = ours(resident, ("sks-dog", 1.0))  # stays fused: no re-fuse
         fused_mix = ours(resident, ("sks-dog", 0.7), ("zwx-cat", 0.6))
         base_after_fusing = ours(resident)
@@ -179,6 +181,7 @@ def test_fused_output_matches_unfused(resident):
         resident.fuse = False
     ours(resident, ("zwx-cat", 1.0))
     assert not resident.stats()["fused"]
+    assert any(hasattr(m, "lora_A") for m in resident.pipe.unet.modules())  # wrappers are back
     # fusing rounds differently in float32 (~1e-6): at most one 8-bit level apart
     assert np.abs(fused_dog - unfused_dog).max() <= 1 and np.abs(fused_mix - unfused_mix).max() <= 1
     np.testing.assert_array_equal(fused_dog, fused_dog_again)
