@@ -55,11 +55,15 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def adapter_state_dicts(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> tuple[dict, dict | None]:
-    """Diffusers-layout state dicts of the trained adapters (peft extracts, the variant converts)."""
+    """Diffusers-layout state dicts of the trained adapters (peft extracts, the variant converts).
+
+    Each holds one key style (see `AdapterVariant.to_file_layout`), so `pipe.load_lora_weights` of
+    ``{"unet.<key>": ..., "text_encoder.<key>": ...}`` loads every adapted layer.
+    """
     from .adapters.payload import payload_from_models
 
     payload = payload_from_models(unet, text_encoder, summary={})
-    layouts = {c: payload.variant.to_file_layout(s.state_dict) for c, s in payload.components.items()}
+    layouts = {c: payload.variant.to_file_layout(s.state_dict, c) for c, s in payload.components.items()}
     return layouts["unet"], layouts.get("text_encoder")
 
 

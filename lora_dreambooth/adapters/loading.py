@@ -8,6 +8,7 @@ loader), which is exact for all of them, and the models are marked the way diffu
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,8 @@ def needs_exact_loader(file: str | Path) -> bool:
         metadata = fh.metadata() or {}
     if any(marker in k for k in keys for marker in ("hada_", "lokr_", "dora_scale")):
         return True
+    if _diffusers_drops_layers(keys):
+        return True
     try:
         configs = unpack_component_configs(metadata.get(DIFFUSERS_METADATA_KEY))
     except (ValueError, AttributeError):  # malformed metadata: diffusers' loader gives its own error
@@ -91,6 +94,28 @@ def needs_exact_loader(file: str | Path) -> bool:
         if not getattr(variant, f"diffusers_native_{component}", False):
             return True
     return False
+
+
+_PEFT_STYLE = re.compile(r"\.lora_[AB]\.")
+_ATTENTION_STYLE = re.compile(r"\.lora\.(down|up)\.")
+_TEXT_ENCODER_RENAMED = re.compile(r"\.(q_proj|k_proj|v_proj|out_proj)\.lora_[AB]\.")
+
+
+def _diffusers_drops_layers(keys: list[str]) -> bool:
+    """Whether diffusers 0.42.1 would skip layers of (or fail on) these diffusers-layout keys.
+
+    Files written before one key style per component (see `AdapterVariant.to_file_layout`) mixed
+    ``to_q.lora.down`` with ``conv_in.lora_A`` in the UNet (diffusers then silently drops one style), and a text
+    encoder adapted on fc1/fc2 only had peft keys that diffusers cannot classify ("Could not automatically infer
+    state dict type").
+    """
+    unet = [k for k in keys if k.startswith("unet.")]
+    text_encoder = [k for k in keys if k.startswith("text_encoder.")]
+    unet_mixed = any(_PEFT_STYLE.search(k) for k in unet) and any(_ATTENTION_STYLE.search(k) for k in unet)
+    te_peft = [k for k in text_encoder if _PEFT_STYLE.search(k)]
+    te_unclassified = bool(te_peft) and not any("lora_linear_layer" in k for k in text_encoder) \
+        and not any(_TEXT_ENCODER_RENAMED.search(k) for k in te_peft)
+    return unet_mixed or te_unclassified
 
 
 def _free_name(pipe: Any) -> str:

@@ -85,7 +85,7 @@ def write_diffusers_file(path: str | Path, payload: AdapterPayload, *, save_dtyp
     layers: dict[str, dict[str, torch.Tensor] | None] = {c: None for c in COMPONENTS}
     packed: dict[str, Any] = {}
     for component, state in payload.components.items():
-        file_keys = payload.variant.to_file_layout(state.state_dict)
+        file_keys = payload.variant.to_file_layout(state.state_dict, component)
         layers[component] = {k: v.detach().to("cpu", dtype).contiguous() for k, v in file_keys.items()}
         packed.update(_pack_dict_with_prefix(state.config, component))
     header = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True),

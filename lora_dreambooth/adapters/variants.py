@@ -86,28 +86,27 @@ class AdapterVariant:
                   "init_lora_weights": True}
         return state, config
 
-    def to_file_layout(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """peft keys -> the keys this variant's diffusers-layout file holds (diffusers' own naming for LoRA)."""
-        from diffusers.utils import convert_state_dict_to_diffusers
+    def to_file_layout(self, state: dict[str, torch.Tensor], component: str) -> dict[str, torch.Tensor]:
+        """peft keys -> the keys of `component` in this variant's diffusers-layout file, one key style per component.
 
-        return convert_state_dict_to_diffusers(state)
+        diffusers 0.42.1 picks the key style of a whole component from a glance: the UNet loader converts only when
+        its *first* key lacks ``lora_A``, the text-encoder loader only when some key holds ``lora_linear_layer``.
+        `convert_state_dict_to_diffusers` renames attention layers alone, so a file mixing ``to_q.lora.down`` with
+        ``conv_in.lora_A`` lost every attention adapter in `load_lora_weights`. Hence the UNet keeps peft's keys
+        (what diffusers' own `save_lora_adapter` writes) and the text encoder uses ``lora_linear_layer.down/up``
+        on every module (diffusers' generic text-encoder rule, which also covers fc1/fc2).
+        """
+        if component == "unet":
+            return dict(state)
+        return {_rename_lora_params(key, _PEFT_TO_TEXT_ENCODER_FILE): tensor for key, tensor in state.items()}
 
     def from_file_layout(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The inverse of `to_file_layout` (diffusers' PEFT->diffusers substring table, read backwards)."""
+        """peft keys of a diffusers-layout component, whatever key style (or mix) it was written in."""
         from diffusers.utils import convert_state_dict_to_peft
-        from diffusers.utils.state_dict_utils import PEFT_TO_DIFFUSERS
 
         if any("_lora.down" in k for k in state):  # diffusers' old attention-processor layout
             return convert_state_dict_to_peft(state)
-        backwards = [(theirs, ours) for ours, theirs in PEFT_TO_DIFFUSERS.items()]
-        out = {}
-        for key, tensor in state.items():
-            for theirs, ours in backwards:
-                if theirs in key:
-                    key = key.replace(theirs, ours)
-                    break
-            out[key] = tensor
-        return out
+        return {_rename_lora_params(key, _DIFFUSERS_FILE_TO_PEFT): tensor for key, tensor in state.items()}
 
     # -- loading ----------------------------------------------------------------------------------------------
     def load_component(self, model: torch.nn.Module, state: dict[str, torch.Tensor], config: dict[str, Any],
@@ -255,7 +254,7 @@ class LycorisVariant(AdapterVariant):
     def matches_config(self, config: dict[str, Any]) -> bool:
         return _peft_type(config) == self.peft_type
 
-    def to_file_layout(self, state):
+    def to_file_layout(self, state, component):
         return dict(state)
 
     def from_file_layout(self, state):
@@ -436,6 +435,21 @@ def jsonable(value: Any) -> Any:
     if hasattr(value, "value"):
         return jsonable(value.value)
     return str(value)
+
+
+#: Parameter-name renames between peft's keys and diffusers-layout files ("module.<param>.weight" / ".bias").
+_PEFT_TO_TEXT_ENCODER_FILE = ((".lora_A.", ".lora_linear_layer.down."), (".lora_B.", ".lora_linear_layer.up."))
+_DIFFUSERS_FILE_TO_PEFT = ((".lora_linear_layer.down.", ".lora_A."), (".lora_linear_layer.up.", ".lora_B."),
+                           (".lora.down.", ".lora_A."), (".lora.up.", ".lora_B."))
+
+
+def _rename_lora_params(key: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """`key` with its first matching parameter name replaced (only the last occurrence: module names stay)."""
+    for old, new in renames:
+        head, found, tail = key.rpartition(old)
+        if found:
+            return head + new + tail
+    return key
 
 
 def _peft_type(config: dict[str, Any]) -> str:
