@@ -29,8 +29,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 def tiny_clip_vocab(extra_words: tuple[str, ...] = ()) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A byte-level CLIP BPE vocabulary: every byte alone and with ``</w>``, plus merges for ``extra_words``.
 
-    Any text tokenizes (one token per character at worst); words listed in ``extra_words`` become single
-    tokens, which keeps prompts short and makes the tiny text encoder see whole words.
+    Any text tokenizes (one token per character at worst); every word listed in ``extra_words`` becomes a single
+    token whatever the order of the list, which keeps prompts short and makes the tiny text encoder see whole
+    words. Each word first gets its merges left to right (the layout earlier versions wrote, so existing tiny
+    bases keep their token ids); words that an earlier word's merge still splits get completing merges after.
     """
     chars = list(_bytes_to_unicode().values())
     vocab: dict[str, int] = {}
@@ -40,7 +42,7 @@ def tiny_clip_vocab(extra_words: tuple[str, ...] = ()) -> tuple[dict[str, int], 
         vocab[c + "</w>"] = len(vocab)
     merges: list[tuple[str, str]] = []
     for word in extra_words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        pieces = _word_symbols(word)
         while len(pieces) > 1:
             pair = (pieces[0], pieces[1])
             merged = pieces[0] + pieces[1]
@@ -49,9 +51,49 @@ def tiny_clip_vocab(extra_words: tuple[str, ...] = ()) -> tuple[dict[str, int], 
             if merged not in vocab:
                 vocab[merged] = len(vocab)
             pieces = [merged] + pieces[2:]
+    _complete_words(extra_words, vocab, merges)
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     return vocab, merges
+
+
+def _word_symbols(word: str) -> list[str]:
+    """A word as CLIP's BPE starts it: one symbol per character, the last one carrying ``</w>``."""
+    if not word:
+        raise ValueError("tiny tokenizer words must not be empty")
+    return list(word[:-1]) + [word[-1] + "</w>"]
+
+
+def _complete_words(words: tuple[str, ...], vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    """Append merges until every word of ``words`` is one token under the BPE that CLIPTokenizer runs.
+
+    BPE merges by rank, so an earlier word's merge can win inside a later word (with "red" before "green", the
+    merge r+e turned "green" into g/re/e/n and green's own g+r chain never applied). A merge appended at the end
+    has the highest rank: it only acts once no earlier merge applies, so it never undoes how any word tokenized
+    before, only shortens it further. Merging the first remaining pair of a split word therefore ends, word by
+    word, with every word whole.
+    """
+    ranks = {pair: rank for rank, pair in enumerate(merges)}
+    for word in dict.fromkeys(words):
+        pieces = bpe_pieces(_word_symbols(word), ranks)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])  # not in `ranks`, or BPE would have merged it
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            pieces = bpe_pieces(_word_symbols(word), ranks)
+
+
+def bpe_pieces(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """BPE as the `tokenizers` library runs it for CLIP: merge the lowest-ranked adjacent pair, leftmost first,
+    one occurrence at a time, until no adjacent pair has a rank."""
+    pieces = list(symbols)
+    while len(pieces) > 1:
+        rank, index = min((ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:])))
+        if rank == len(ranks):
+            break
+        pieces[index:index + 2] = [pieces[index] + pieces[index + 1]]
+    return pieces
 
 
 DEFAULT_WORDS = ("a", "photo", "of", "dog", "cat", "backpack", "sks", "zwx", "person", "on", "the", "in", "beach")
