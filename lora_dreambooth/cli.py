@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,8 @@ def _option_for(field: dataclasses.Field) -> click.Option | None:
         return None
     name = FLAG_NAMES.get(field.name, "--" + field.name.replace("_", "-"))
     hint = typing.get_type_hints(TrainConfig)[field.name]
-    inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    kind = inner[0]
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    kind = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
     help_text = TRAIN_HELP.get(field.name, "")
     if field.default is not dataclasses.MISSING and field.default not in (None, ()) and kind is not bool:
         help_text += f" [default: {field.default}]"

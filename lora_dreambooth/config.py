@@ -151,11 +151,11 @@ class TrainConfig:
     validation_inference_steps: int = 25
 
     def __post_init__(self) -> None:
-        self.unet_target_modules = tuple(self.unet_target_modules)
-        self.text_encoder_target_modules = tuple(self.text_encoder_target_modules)
-        self.sample_prompts = tuple(self.sample_prompts)
-        self.export = tuple(self.export)
-        self.validation_prompts = tuple(self.validation_prompts)
+        self.unet_target_modules = _as_tuple(self.unet_target_modules)
+        self.text_encoder_target_modules = _as_tuple(self.text_encoder_target_modules)
+        self.sample_prompts = _as_tuple(self.sample_prompts)
+        self.export = _as_tuple(self.export)
+        self.validation_prompts = _as_tuple(self.validation_prompts)
         self.subjects = tuple(SubjectConfig.from_value(s, f"[[subjects]] entry {i}")
                               for i, s in enumerate(self.subjects or (), 1))
         if self.alpha is None:
@@ -312,6 +312,11 @@ class TrainConfig:
     def replace(self, **changes: Any) -> "TrainConfig":
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+def _as_tuple(value: Any) -> tuple:
+    """A list option as a tuple; a lone string (``export = "kohya"`` in TOML) is one item, not its letters."""
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def mirror_first_subject(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -192,6 +192,25 @@ def test_toml_config_and_flag_override(tmp_path, tiny_base, dog_dir):
     assert read_summary(tmp_path / "o" / ADAPTER_FILENAME)["rank"] == 3
 
 
+def test_repeatable_options_keep_whole_values(tmp_path, tiny_base, dog_dir):
+    """List options given on the command line (`--unet-target-modules A --unet-target-modules B`, `--export kohya`)
+    arrive as whole names, in the saved config and in the adapter's layers, and a lone TOML string is one item."""
+    out = tmp_path / "o"
+    proc = run_cli(*small_train_args(dog_dir, tiny_base, out, "--no-prior", "--steps", "2",
+                                     "--unet-target-modules", "to_q", "--unet-target-modules", "to_v",
+                                     "--export", "kohya"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = tomllib.loads((out / "train_config.toml").read_text())
+    assert saved["unet_target_modules"] == ["to_q", "to_v"] and saved["export"] == ["kohya"]
+    unet_layers = {k.split(".lora")[0].rsplit(".", 1)[-1] for k in load_file(out / ADAPTER_FILENAME)
+                   if k.startswith("unet.")}
+    assert unet_layers == {"to_q", "to_v"}
+    assert any(p.name != ADAPTER_FILENAME and p.suffix == ".safetensors" for p in out.iterdir())
+    config = TrainConfig(instance_dir=str(dog_dir), base=str(tiny_base), token="sks", class_noun="dog",
+                         output_dir=str(out), export="kohya", unet_target_modules="to_q")
+    assert config.export == ("kohya",) and config.unet_target_modules == ("to_q",)
+
+
 def test_resume_from_checkpoint_is_bit_exact(tmp_path, tiny_base, dog_dir):
     common = dict(steps=8, checkpoint_every=4, class_dir=str(tmp_path / "class"))
     full = DreamBoothRecipe(_config(dog_dir, tiny_base, tmp_path / "full", **common))
