@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from PIL import Image
 
@@ -32,6 +32,9 @@ from .detectors import reference_histogram
 from .measure import Expectation, PromptStats, SamplerConfig, measure, world_expectations
 from .pretrain import PretrainConfig, pretrained_base
 from .world import SHAPES, write_subject_photos
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +92,11 @@ class BenchResult:
     seconds: dict[str, float]
     base_dir: Path
     files: dict[str, Path] = field(default_factory=dict)
-    pictures: dict[str, dict[str, list[Image.Image]]] = field(default_factory=dict)  # model -> family -> images
 
     def to_json(self, cfg: BenchConfig) -> dict:
         """Plain-JSON form: config, timings, and every statistic."""
         return {
-            "config": _plain(asdict(cfg)),
+            "config": asdict(cfg),
             "base": str(self.base_dir),
             "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
             "stats": {m: {f: s.as_dict() for f, s in fam.items()} for m, fam in self.stats.items()},
@@ -123,42 +125,30 @@ def effects(stats: dict[str, dict[str, PromptStats]]) -> dict[str, float]:
     }
 
 
-def _plain(value):
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 # -- training through the package's real trainer ------------------------------------------------------------------
-def _train_arguments(cfg: BenchConfig) -> dict:
-    # fp32 and the plain profile everywhere, so a run on a GPU measures what a CPU run does
-    extra = {"unet_target_modules": cfg.unet_targets} if cfg.unet_targets else {}
-    return dict(token=cfg.token, class_noun=cfg.class_noun, resolution=cfg.pretrain.resolution, steps=cfg.steps,
-                rank=cfg.rank, lr=cfg.lr, seed=cfg.seed, train_text_encoder=cfg.train_text_encoder,
-                mixed_precision="no", profile="plain", text_encoder_lr=cfg.text_encoder_lr, **extra)
+def train_config(cfg: BenchConfig, base: Path, instance_dir: Path, out: Path, **changes) -> "TrainConfig":
+    """The trainer's config for one of the two adapters (``changes``: what differs between them).
+
+    fp32 and the plain profile everywhere, so a run on a GPU measures what a CPU run does.
+    """
+    from .. import TrainConfig
+
+    targets = {"unet_target_modules": cfg.unet_targets} if cfg.unet_targets else {}
+    return TrainConfig(instance_dir=str(instance_dir), base=str(base), output_dir=str(out), token=cfg.token,
+                       class_noun=cfg.class_noun, resolution=cfg.pretrain.resolution, steps=cfg.steps, rank=cfg.rank,
+                       lr=cfg.lr, text_encoder_lr=cfg.text_encoder_lr, seed=cfg.seed,
+                       train_text_encoder=cfg.train_text_encoder, mixed_precision="no", profile="plain",
+                       overwrite=True, log_every=50, **targets, **changes)
 
 
-def start_cli_training(cfg: BenchConfig, base: Path, instance_dir: Path, out: Path, class_dir: Path,
-                       threads: int) -> tuple[subprocess.Popen, Path]:
-    """Start the adapter with prior preservation: ``python -m lora_dreambooth train`` in a subprocess using
-    ``threads`` CPU threads; its output goes to ``<out>.log``. Finish with :func:`wait_for_cli_training`."""
-    a = _train_arguments(cfg)
-    command = [sys.executable, "-m", "lora_dreambooth", "train", str(instance_dir), "--base", str(base),
-               "--token", a["token"], "--class-noun", a["class_noun"], "--output", str(out),
-               "--resolution", str(a["resolution"]), "--steps", str(a["steps"]), "--rank", str(a["rank"]),
-               "--lr", str(a["lr"]), "--seed", str(a["seed"]), "--mixed-precision", a["mixed_precision"],
-               "--profile", a["profile"],
-               *(["--text-encoder-lr", str(cfg.text_encoder_lr)] if cfg.text_encoder_lr else []),
-               "--train-text-encoder" if a["train_text_encoder"] else "--no-train-text-encoder",
-               *[arg for name in cfg.unet_targets or () for arg in ("--unet-target-modules", name)],
-               "--prior", "--prior-weight", str(cfg.prior_weight),
-               "--class-dir", str(class_dir), "--num-class-images", str(cfg.num_class_images),
-               "--class-prompt", "a photo of a {class}", "--class-inference-steps", str(cfg.class_inference_steps),
-               "--overwrite", "--log-every", "50"]
+def start_cli_training(config: "TrainConfig", threads: int) -> tuple[subprocess.Popen, Path]:
+    """Start ``python -m lora_dreambooth train --config <output>.toml`` in a subprocess using ``threads`` CPU
+    threads; its output goes to ``<output>.log``. Finish with :func:`wait_for_cli_training`."""
+    out = Path(config.output_dir)
+    config_path, log_path = out.with_name(out.name + ".toml"), out.with_name(out.name + ".log")
+    config_path.write_text(config.to_toml())
+    command = [sys.executable, "-m", "lora_dreambooth", "train", "--config", str(config_path)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
-    log_path = out.with_name(out.name + ".log")
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     return process, log_path
@@ -171,12 +161,10 @@ def wait_for_cli_training(process: subprocess.Popen, log_path: Path) -> None:
                            f"{log_path.read_text()[-3000:]}")
 
 
-def train_with_api(cfg: BenchConfig, base: Path, instance_dir: Path, out: Path) -> None:
-    """The adapter without prior preservation, trained by ``lora_dreambooth.train(TrainConfig(...))``."""
-    from .. import TrainConfig, train
+def train_with_api(config: "TrainConfig") -> None:
+    """Train one adapter in this process through ``lora_dreambooth.train(config)``."""
+    from .. import train
 
-    config = TrainConfig(instance_dir=str(instance_dir), base=str(base), output_dir=str(out), prior=False,
-                         overwrite=True, log_every=50, **_train_arguments(cfg))
     with contextlib.redirect_stderr(io.StringIO()):  # the trainer's progress bar; errors still raise
         train(config)
 
@@ -186,12 +174,16 @@ def train_both(cfg: BenchConfig, base: Path, instance_dir: Path, adapters: dict[
     preservation through the CLI (a subprocess), without it through the Python API (here)."""
     import torch
 
+    with_prior = train_config(cfg, base, instance_dir, adapters["adapter"], prior=True, prior_weight=cfg.prior_weight,
+                              class_dir=str(class_dir), num_class_images=cfg.num_class_images,
+                              class_prompt="a photo of a {class}", class_inference_steps=cfg.class_inference_steps)
+    without_prior = train_config(cfg, base, instance_dir, adapters["adapter_no_prior"], prior=False)
     threads = torch.get_num_threads()
     cli_threads = max(1, threads // 2)
-    process, log_path = start_cli_training(cfg, base, instance_dir, adapters["adapter"], class_dir, cli_threads)
+    process, log_path = start_cli_training(with_prior, cli_threads)
     try:
         torch.set_num_threads(max(1, threads - cli_threads))
-        train_with_api(cfg, base, instance_dir, adapters["adapter_no_prior"])
+        train_with_api(without_prior)
     except BaseException:
         process.kill()
         raise
@@ -271,7 +263,7 @@ def run_bench(cfg: BenchConfig, work_dir: str | Path, *, cache_root: str | Path 
         stats[model], pictures[model] = measure_model(pipe, cfg, subject_histogram)
         lap(f"measure_{model}")
     seconds["total"] = time.perf_counter() - started
-    result = BenchResult(stats=stats, seconds=seconds, base_dir=base, pictures=pictures)
+    result = BenchResult(stats=stats, seconds=seconds, base_dir=base)
     result.files["json"] = work / "synthetic_dreambench.json"
     result.files["json"].write_text(json.dumps(result.to_json(cfg), indent=2) + "\n")
     result.files["markdown"] = write_markdown(result, cfg, work / "synthetic_dreambench.md")
