@@ -6,6 +6,8 @@ only much smaller, so every code path that serves real users runs here in second
 """
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import torch
@@ -89,8 +91,8 @@ def bpe_pieces(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[st
     one occurrence at a time, until no adjacent pair has a rank."""
     pieces = list(symbols)
     while len(pieces) > 1:
-        rank, index = min((ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:])))
-        if rank == len(ranks):
+        rank, index = min((ranks.get((a, b), math.inf), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:])))
+        if rank == math.inf:
             break
         pieces[index:index + 2] = [pieces[index] + pieces[index + 1]]
     return pieces
