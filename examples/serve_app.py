@@ -13,7 +13,7 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from lora_dreambooth.app import serve  # noqa: E402
+from lora_dreambooth.serve.app import serve  # noqa: E402
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from lora_dreambooth import load_adapter
-from lora_dreambooth.formats import read_summary, resolve_adapter_file
+from lora_dreambooth.files.metadata import read_summary, resolve_adapter_file
 
 
 def main() -> None:

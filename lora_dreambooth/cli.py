@@ -15,10 +15,10 @@ from typing import Any
 
 import click
 
-from .config import (CROPS, LR_SCHEDULERS, MIXED_PRECISIONS, OPTIMIZERS, PREDICTION_TYPES, PRIOR_MODES, PROFILES,
-                     SAVE_DTYPES, VARIANTS, TrainConfig, mirror_first_subject, read_toml)
-from .config import EXPORT_FORMATS, INITS
-from .errors import TrainingDiverged, UserInputError
+from lora_dreambooth.config import (CROPS, EXPORT_FORMATS, INITS, LR_SCHEDULERS, MIXED_PRECISIONS, OPTIMIZERS,
+                                    PREDICTION_TYPES, PRIOR_MODES, PROFILES, SAVE_DTYPES, VARIANTS, TrainConfig,
+                                    mirror_first_subject, read_toml)
+from lora_dreambooth.errors import TrainingDiverged, UserInputError
 
 # Help text for each TrainConfig field; the options themselves are generated from the dataclass.
 TRAIN_HELP: dict[str, str] = {
@@ -151,7 +151,7 @@ def cli(verbose: bool) -> None:
 @click.pass_context
 def train(ctx: click.Context, instance_dir: str | None, config_file: str | None, **options: Any) -> None:
     """Train a DreamBooth adapter on the photos in INSTANCE_DIR."""
-    from .training import train as run_training
+    from lora_dreambooth.training.recipe import train as run_training
 
     options["instance_dir"] = instance_dir
     config = config_from_cli(ctx, config_file, options)
@@ -172,7 +172,8 @@ def train(ctx: click.Context, instance_dir: str | None, config_file: str | None,
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def suggest_token(base: str, count: int, min_length: int, max_length: int, as_json: bool) -> None:
     """List rare single-token words of the base's tokenizer to use as --token (rarest first)."""
-    from .tokens import load_tokenizer, suggest_tokens
+    from lora_dreambooth.data.tokens import suggest_tokens
+    from lora_dreambooth.models import load_tokenizer
 
     suggestions = suggest_tokens(load_tokenizer(base), count, min_length=min_length, max_length=max_length)
     if as_json:
@@ -189,7 +190,7 @@ def suggest_token(base: str, count: int, min_length: int, max_length: int, as_js
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle files.")
 def inspect(adapter: str, as_json: bool, allow_pickle: bool) -> None:
     """Print an adapter's metadata and tensor statistics."""
-    from .formats import inspect_adapter
+    from lora_dreambooth.files.adapter_file import inspect_adapter
 
     info = inspect_adapter(adapter, allow_pickle=allow_pickle)
     if as_json:
@@ -229,7 +230,7 @@ def format_inspection(info: dict[str, Any]) -> str:
 @click.option("--dtype", type=click.Choice(SAVE_DTYPES), default=None, help="Tensor precision. [the adapter's]")
 def export_command(adapter: str, fmt: str, out_file: str, dtype: str | None) -> None:
     """Write ADAPTER (a folder or file) in another tool's layout."""
-    from .kohya import export_kohya
+    from lora_dreambooth.files.export import export_kohya
 
     click.echo(f"Wrote {export_kohya(adapter, out_file, save_dtype=dtype)}")
 
@@ -241,7 +242,7 @@ def export_command(adapter: str, fmt: str, out_file: str, dtype: str | None) -> 
 @click.option("--overwrite", is_flag=True, help="Replace an adapter already in --out.")
 def import_command(file: str, out_dir: str, dtype: str | None, overwrite: bool) -> None:
     """Convert a kohya/LyCORIS (or diffusers) adapter FILE into this package's layout in --out."""
-    from .kohya import import_adapter
+    from lora_dreambooth.files.export import import_adapter
 
     click.echo(f"Wrote {import_adapter(file, out_dir, save_dtype=dtype, overwrite=overwrite)}")
 
@@ -253,7 +254,7 @@ def import_command(file: str, out_dir: str, dtype: str | None, overwrite: bool) 
 @click.option("--resolution", default=64, show_default=True, help="Training resolution.")
 def demo(out_dir: str, base: str | None, steps: int, resolution: int) -> None:
     """Offline demo: build a tiny base, train on the bundled dog photos, write a sample grid."""
-    from .demo import run_demo
+    from lora_dreambooth.demo import run_demo
 
     run_demo(Path(out_dir), base=base, steps=steps, resolution=resolution)
 
@@ -277,8 +278,9 @@ def generate(base: str, adapters: tuple[str, ...], prompt: str, out_dir: str, ne
              steps: int, guidance: float, seed: int, height: int | None, width: int | None, device: str | None,
              allow_pickle: bool) -> None:
     """Generate images with trained adapters and write them to --out."""
-    from .formats import resolve_adapter_file
-    from .inference import GenerationRequest, ResidentPipeline, parse_adapter_spec, save_generation
+    from lora_dreambooth.files.metadata import resolve_adapter_file
+    from lora_dreambooth.serve.generation import GenerationRequest, save_generation
+    from lora_dreambooth.serve.pipeline import ResidentPipeline, parse_adapter_spec
 
     specs = [parse_adapter_spec(spec) for spec in adapters]
     request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
@@ -305,7 +307,7 @@ def generate(base: str, adapters: tuple[str, ...], prompt: str, out_dir: str, ne
 def serve(base: str, adapters_dir: str, host: str, port: int, share: bool, device: str | None, fuse: bool,
           max_queue: int) -> None:
     """Web app: pick a trained subject from a dropdown and generate (base loaded once)."""
-    from .app import serve as run_server
+    from lora_dreambooth.serve.app import serve as run_server
 
     run_server(base, adapters_dir, host=host, port=port, share=share, device=device, fuse=fuse, max_queue=max_queue)
 
@@ -330,7 +332,7 @@ def serve(base: str, adapters_dir: str, host: str, port: int, share: bool, devic
 @click.option("--device", default=None, help="cuda, cpu, ... [cuda if available]")
 def evaluate(**options: Any) -> None:
     """DreamBench scores (DINO, CLIP-I, CLIP-T) of an adapter, comparable with the DreamBooth paper."""
-    from .evaluation import evaluate_adapter
+    from lora_dreambooth.evaluation.run import evaluate_adapter
 
     click.echo(evaluate_adapter(**options))
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import UserInputError
+from lora_dreambooth.errors import UserInputError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -7,21 +7,21 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
-from .sampling import image_grid
+from lora_dreambooth.config import TrainConfig
+from lora_dreambooth.files.grids import image_grid
 
 log = logging.getLogger(__name__)
 
 
 def example_photos(subject: str = "dog") -> Path:
     """Folder of the bundled, downscaled example photos (see its ATTRIBUTION.md)."""
-    return Path(str(resources.files("lora_dreambooth") / "data" / "examples" / subject))
+    return Path(str(resources.files("lora_dreambooth") / "assets" / "examples" / subject))
 
 
 def run_demo(out: Path, *, base: str | None = None, steps: int = 150, resolution: int = 64) -> Path:
     """Train on the bundled photos and write `comparison.png` (top row: base, bottom row: with the adapter)."""
-    from .tiny import save_tiny_pipeline
-    from .training import train
+    from lora_dreambooth.tiny import save_tiny_pipeline
+    from lora_dreambooth.training.recipe import train
 
     out.mkdir(parents=True, exist_ok=True)
     if base is None:
@@ -48,7 +48,7 @@ def comparison_grid(base: str, adapter_dir: Path, prompt: str, size: int, seeds:
     """Same prompt and seeds with the adapter at strength 0 (base) and 1, loaded by plain diffusers."""
     from diffusers import StableDiffusionPipeline
 
-    from .models import quiet_library_progress
+    from lora_dreambooth.models import quiet_library_progress
 
     quiet_library_progress()
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)

@@ -11,3 +11,9 @@ class UserInputError(Exception):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step and suggests a fix."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for one-line errors."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

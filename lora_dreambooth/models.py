@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserInputError
+from lora_dreambooth.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -153,3 +153,19 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def load_tokenizer(base: str) -> Any:
+    """The CLIP tokenizer of an SD v1.x base (a local diffusers folder or a hub id), without loading any model."""
+    from transformers import CLIPTokenizer
+
+    from lora_dreambooth.errors import UserInputError
+    from lora_dreambooth.models import quiet_library_progress, resolve_base
+
+    quiet_library_progress()
+    location = resolve_base(base, allow_pickle=True)  # only the tokenizer is read: no weights, nothing to unpickle
+    try:
+        return CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
+    except Exception as exc:  # missing files, unreachable hub
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        raise UserInputError(f"cannot load the tokenizer of base model '{base}': {reason}") from None

@@ -7,7 +7,6 @@ only much smaller, so every code path that serves real users runs here in second
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 
 import torch
@@ -111,7 +110,7 @@ def build_tiny_tokenizer(words: tuple[str, ...] = DEFAULT_WORDS):
 
 def build_tiny_pipeline(seed: int = 0, *, sample_size: int = 32, text_hidden: int = 32, words: tuple[str, ...] = DEFAULT_WORDS):
     """A random StableDiffusionPipeline with SD v1 layout and tiny widths (~8 MB in fp32)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)

@@ -7,7 +7,7 @@ Loads every adapter folder as a resident adapter (`load_lora_weights(..., adapte
 `set_adapters` switches between them (what the app does when you pick another subject), then times one image
 (25 steps, 512 px, classifier-free guidance, fp16) for: the base pipeline before any adapter is loaded, an active
 unfused adapter, the adapter fused into the weights with peft's wrappers still in place (`fuse_lora`, can be
-undone), fused with the wrappers bypassed (`lora_dreambooth.fast.bypass_merged_adapters`, can be undone), and
+undone), fused with the wrappers bypassed (`lora_dreambooth.training.graph.bypass_merged_adapters`, can be undone), and
 fused then unloaded (`fuse_lora` + `unload_lora_weights`, wrappers gone for good). Writes bench_inference.json
 and bench_inference.md.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lora_dreambooth.fast import bypass_merged_adapters  # noqa: E402
+from lora_dreambooth.adapters.fusing import bypass_merged_adapters  # noqa: E402
 
 PROMPT = "a photo of sks dog on the beach"
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| adapter active, unfused | {results['unfused_s'] * 1000:.0f} ms/image | {results['unfused_vs_base']:.3f} |",
         f"| adapter fused, wrappers kept (`fuse_lora`) | {results['fused_s'] * 1000:.0f} ms/image "
         f"| {results['fused_vs_base']:.3f} |",
-        f"| adapter fused, wrappers bypassed (`fuse_lora` + `lora_dreambooth.fast.bypass_merged_adapters`; "
+        f"| adapter fused, wrappers bypassed (`fuse_lora` + `lora_dreambooth.training.graph.bypass_merged_adapters`; "
         f"reversible, images identical: max pixel diff {results['bypassed_max_pixel_diff']:.1e}) "
         f"| {results['fused_bypassed_s'] * 1000:.0f} ms/image | {results['fused_bypassed_vs_base']:.3f} |",
         f"| adapter fused, wrappers removed (`fuse_lora` + `unload_lora_weights`; not reversible) | "

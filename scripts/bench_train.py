@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_dreambooth import TrainConfig  # noqa: E402
-from lora_dreambooth.training import DreamBoothRecipe  # noqa: E402
+from lora_dreambooth.training.recipe import DreamBoothRecipe  # noqa: E402
 
 GIB = 1 << 30
 # diffusers' train_dreambooth_lora.py on an H100 (FIELD-NOTES.md "GPU reference"): it/s, peak allocated GiB

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from lora_dreambooth.evaluation import save_tiny_metric_models
+from lora_dreambooth.evaluation.tiny_models import save_tiny_metric_models
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-scratch", action="store_true",
                         help="pretrain the base again (~5 min) instead of using the cached or shipped copy")
     parser.add_argument("--refresh-shipped", action="store_true",
-                        help="with --from-scratch: copy the new base into the package (lora_dreambooth/data/synthetic)")
+                        help="with --from-scratch: copy the new base into the package (lora_dreambooth/assets/synthetic)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads [torch's default]")
     parser.add_argument("--steps", type=int, default=None, help="adapter training steps")
     parser.add_argument("--samples", type=int, default=None, help="pictures per prompt family")
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lora_dreambooth.synthetic.bench import CI_CONFIG, BenchConfig, run_bench, with_overrides
+    from lora_dreambooth.synthetic.bench import run_bench
+    from lora_dreambooth.synthetic.config import CI_CONFIG, BenchConfig, with_overrides
     from lora_dreambooth.synthetic.report import markdown_table
 
     if args.threads:

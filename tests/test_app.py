@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_dreambooth.app import is_loopback
 from lora_dreambooth.cli import main
-from lora_dreambooth.inference import BASE_ONLY
+from lora_dreambooth.serve.app import is_loopback
+from lora_dreambooth.serve.library import BASE_ONLY
 
 from .conftest import run_cli
 from .test_inference import trained_subjects

@@ -49,7 +49,7 @@ def server(library, tiny_base, tmp_path_factory):
     """`serve` with its defaults (host, no share), a queue of 2 so that the bound can be seen."""
     mp = pytest.MonkeyPatch()
     mp.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))
-    from lora_dreambooth.app import serve
+    from lora_dreambooth.serve.app import serve
 
     port = free_port()
     running = serve(str(tiny_base), library, port=port, device="cpu", max_queue=2, block=False)

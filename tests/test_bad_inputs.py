@@ -21,10 +21,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_dreambooth.formats import ADAPTER_FILENAME, read_summary
+from lora_dreambooth.files.metadata import ADAPTER_FILENAME, read_summary
 
 from .conftest import cli_in_process, run_cli
-
 
 # --- the corpus: generators -------------------------------------------------------------------------------------
 
@@ -119,7 +118,7 @@ def assert_refused(run, *fragments: str, out: Path | None = None) -> str:
 @pytest.fixture
 def nothing_loads(monkeypatch):
     """Tripwire: refusals must come before the base model loads, class images are made or the output is touched."""
-    from lora_dreambooth import training
+    from lora_dreambooth.training import recipe as training
 
     def tripped(*args, **kwargs):
         raise AssertionError("expensive setup started before the bad input was refused")

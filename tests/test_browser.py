@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-
 from .conftest import REPO
 from .test_app import free_port, quiet_gradio_env
 from .test_inference import trained_subjects
@@ -25,14 +24,14 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium
 
 @pytest.fixture(scope="module")
 def running_app(tmp_path_factory, tiny_base, dog_dir, cat_dir):
-    """The real app (lora_dreambooth.app.serve) in this process, so the test can read its load counters."""
+    """The real app (lora_dreambooth.serve.app.serve) in this process, so the test can read its load counters."""
     tmp = tmp_path_factory.mktemp("browser")
     library = tmp / "library"
     shutil.copytree(trained_subjects(tmp_path_factory, tiny_base, dog_dir, cat_dir), library,
                     ignore=shutil.ignore_patterns("logs"))
     saved = {key: os.environ.get(key) for key in quiet_gradio_env(tmp)}
     os.environ.update(quiet_gradio_env(tmp))
-    from lora_dreambooth.app import serve
+    from lora_dreambooth.serve.app import serve
 
     app = serve(str(tiny_base), library, port=free_port(), block=False)
     yield app

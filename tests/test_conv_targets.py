@@ -17,11 +17,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lora_dreambooth import TrainConfig
-from lora_dreambooth.adapters.loading import needs_exact_loader
-from lora_dreambooth.adapters.payload import read_payload
-from lora_dreambooth.formats import adapter_state_dicts, read_file_metadata
-from lora_dreambooth.inference import load_adapter
-from lora_dreambooth.training import DreamBoothRecipe
+from lora_dreambooth.files.adapter_file import adapter_state_dicts
+from lora_dreambooth.files.load_adapter import load_adapter
+from lora_dreambooth.files.loading import needs_exact_loader, read_payload
+from lora_dreambooth.files.metadata import read_file_metadata
+from lora_dreambooth.training.recipe import DreamBoothRecipe
 
 # conv_in and proj_in sort before the attention layers: with the old mixed keys they came first in the file.
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_in", "proj_in")

@@ -15,14 +15,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lora_dreambooth import TrainConfig
-from lora_dreambooth.buckets import BucketSampler, bucket_sizes, nearest_bucket
-from lora_dreambooth.captions import dropout_mask
-from lora_dreambooth.data import load_mask
+from lora_dreambooth.data.buckets import BucketSampler, bucket_sizes, nearest_bucket
+from lora_dreambooth.data.captions import dropout_mask
+from lora_dreambooth.data.examples import load_mask
+from lora_dreambooth.data.tokens import suggest_tokens, token_pieces, token_warnings
 from lora_dreambooth.errors import UserInputError
-from lora_dreambooth.formats import ADAPTER_FILENAME, read_summary
-from lora_dreambooth.losses import add_noise_offset, dreambooth_loss, min_snr_weights, snr_table
-from lora_dreambooth.tokens import suggest_tokens, token_pieces, token_warnings
-from lora_dreambooth.training import DreamBoothRecipe, train
+from lora_dreambooth.files.metadata import ADAPTER_FILENAME, read_summary
+from lora_dreambooth.training.losses import add_noise_offset, dreambooth_loss, min_snr_weights, snr_table
+from lora_dreambooth.training.recipe import DreamBoothRecipe, train
 
 from .conftest import run_cli
 
@@ -39,7 +39,7 @@ def _config(instance_dir, base, out, **overrides) -> TrainConfig:
 
 
 @contextmanager
-def _debug_lines(name: str = "lora_dreambooth.training"):
+def _debug_lines(name: str = "lora_dreambooth.training.recipe"):
     """Collect the DEBUG messages of one of our loggers (whatever the CLI did to the parent's handlers)."""
     lines: list[str] = []
     handler = logging.Handler(logging.DEBUG)

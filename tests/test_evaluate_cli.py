@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lora_dreambooth import TrainConfig, train
-from lora_dreambooth.evaluation import save_tiny_metric_models
+from lora_dreambooth.evaluation.tiny_models import save_tiny_metric_models
 
 from .conftest import run_cli
 

@@ -10,10 +10,10 @@ from torch import nn
 
 from lora_dreambooth import TrainConfig
 from lora_dreambooth.errors import UserInputError
-from lora_dreambooth.fast import CudaGraphStep, checkpoint_without_rng_state, make_optimizer_capturable
-from lora_dreambooth.lowmem import (GIB, Footprint, NF4Conv2d, NF4Linear, choose_plan, dequantize_into,
-                                    dequantize_nf4_eager, predict_peak_bytes, quantize_frozen)
-from lora_dreambooth.training import DreamBoothRecipe
+from lora_dreambooth.training.graph import CudaGraphStep, checkpoint_without_rng_state, make_optimizer_capturable
+from lora_dreambooth.training.lowmem import (GIB, Footprint, NF4Conv2d, NF4Linear, choose_plan, dequantize_into,
+                                          dequantize_nf4_eager, predict_peak_bytes, quantize_frozen)
+from lora_dreambooth.training.recipe import DreamBoothRecipe
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (run on the device machine)")

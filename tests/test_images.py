@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from lora_dreambooth.data.images import IMAGE_EXTENSIONS, find_images, load_image, load_images
 from lora_dreambooth.errors import UserInputError
-from lora_dreambooth.images import IMAGE_EXTENSIONS, find_images, load_image, load_images
 
 REAL_PHOTO = Path("/work/shared/data/dreambooth/dog/00.jpg")
-LOGGER = "lora_dreambooth.images"
+LOGGER = "lora_dreambooth.data.images"
 
 
 def save(image: Image.Image, path: Path, **params) -> Path:

@@ -16,9 +16,10 @@ from safetensors import safe_open
 
 from lora_dreambooth import TrainConfig, load_adapter, train
 from lora_dreambooth.errors import UserInputError
-from lora_dreambooth.formats import ADAPTER_FILENAME, METADATA_KEY
-from lora_dreambooth.inference import (AdapterLibrary, GenerationRequest, ResidentPipeline, check_subject_name,
-                                       parse_adapter_spec)
+from lora_dreambooth.files.metadata import ADAPTER_FILENAME, METADATA_KEY
+from lora_dreambooth.serve.generation import GenerationRequest
+from lora_dreambooth.serve.library import AdapterLibrary, check_subject_name
+from lora_dreambooth.serve.pipeline import ResidentPipeline, parse_adapter_spec
 
 PROMPT = "a photo of sks dog"
 SIZE, STEPS = 32, 3

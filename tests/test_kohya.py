@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_dreambooth.adapters.loading import load_into_pipeline
-from lora_dreambooth.adapters.payload import read_payload
 from lora_dreambooth.errors import UserInputError
-from lora_dreambooth.formats import ADAPTER_FILENAME, inspect_adapter, read_file_metadata
-from lora_dreambooth.inference import load_adapter
-from lora_dreambooth.kohya import export_kohya
+from lora_dreambooth.files.adapter_file import inspect_adapter
+from lora_dreambooth.files.export import export_kohya
+from lora_dreambooth.files.load_adapter import load_adapter
+from lora_dreambooth.files.loading import load_into_pipeline, read_payload
+from lora_dreambooth.files.metadata import ADAPTER_FILENAME, read_file_metadata
 
 from .test_variants import EXACT, fresh_pipeline, generate, max_diff, trained_adapter
 

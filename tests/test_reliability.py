@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file
 
 from lora_dreambooth import TrainConfig, train
-from lora_dreambooth.checkpoints import list_checkpoints
 from lora_dreambooth.errors import UserInputError
-from lora_dreambooth.formats import ADAPTER_FILENAME, resolve_adapter_file
+from lora_dreambooth.files.metadata import ADAPTER_FILENAME, resolve_adapter_file
+from lora_dreambooth.training.checkpoints import list_checkpoints
 
 from .conftest import REPO, cli_in_process
 
@@ -97,7 +97,7 @@ def kill_9_while_writing(tmp_path: Path, target: str, *args: str) -> None:
 @contextmanager
 def signal_after_step(sig: int, step: int) -> Iterator[None]:
     """Inside the block, the training loop receives `sig` (as from Ctrl-C or `kill`) right after micro-batch `step`."""
-    from lora_dreambooth.training import DreamBoothRecipe
+    from lora_dreambooth.training.recipe import DreamBoothRecipe
 
     real = DreamBoothRecipe._micro_step
 

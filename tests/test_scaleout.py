@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_dreambooth.formats import ADAPTER_FILENAME
+from lora_dreambooth.files.metadata import ADAPTER_FILENAME
 
 from .conftest import small_train_args
 

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_dreambooth.synthetic.detectors import (analyze, color_entropy, diversity, foreground_mask,
-                                                 largest_component, reference_histogram)
-from lora_dreambooth.synthetic.pretrain import (MARKER, RECIPE_VERSION, PretrainConfig, pretrained_base,
-                                                shipped_base, with_rare_tag)
+from lora_dreambooth.synthetic.detectors import (analyze, color_entropy, diversity, foreground_mask, largest_component,
+                                                 reference_histogram)
+from lora_dreambooth.synthetic.pretrain import (MARKER, RECIPE_VERSION, PretrainConfig, pretrained_base, shipped_base,
+                                                with_rare_tag)
 from lora_dreambooth.synthetic.world import (BACKGROUND, COLORS, RARE_TAGS, SHAPES, VOCABULARY, ShapeSpec, caption_for,
                                              make_class_dataset, random_class_spec, render, subject_spec,
                                              write_subject_photos)
@@ -142,7 +142,8 @@ def test_shipped_base_is_the_default_configs():
 @pytest.fixture(scope="module")
 def ci_bench(tmp_path_factory):
     """The CI variant end to end, on the base shipped with the package (pretraining it takes ~5 min on 2 cores)."""
-    from lora_dreambooth.synthetic.bench import CI_CONFIG, run_bench
+    from lora_dreambooth.synthetic.bench import run_bench
+    from lora_dreambooth.synthetic.config import CI_CONFIG
 
     if shipped_base(CI_CONFIG.pretrain) is None:
         pytest.fail("the shipped synthetic base is stale: rebuild it with --from-scratch --refresh-shipped")

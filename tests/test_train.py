@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from lora_dreambooth import TrainConfig
-from lora_dreambooth.formats import ADAPTER_FILENAME, read_file_metadata, read_summary
-from lora_dreambooth.training import DreamBoothRecipe
+from lora_dreambooth.files.metadata import ADAPTER_FILENAME, read_file_metadata, read_summary
+from lora_dreambooth.training.recipe import DreamBoothRecipe
 
 from .conftest import run_cli, small_train_args
 

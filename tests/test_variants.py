@@ -16,9 +16,10 @@ import torch
 from lora_dreambooth import TrainConfig
 from lora_dreambooth.adapters.variants import DIFFUSERS, OURS, get_variant
 from lora_dreambooth.errors import UserInputError
-from lora_dreambooth.formats import ADAPTER_FILENAME, inspect_adapter, save_adapter
-from lora_dreambooth.inference import load_adapter
-from lora_dreambooth.training import DreamBoothRecipe
+from lora_dreambooth.files.adapter_file import inspect_adapter, save_adapter
+from lora_dreambooth.files.load_adapter import load_adapter
+from lora_dreambooth.files.metadata import ADAPTER_FILENAME
+from lora_dreambooth.training.recipe import DreamBoothRecipe
 
 VARIANTS = ("lora", "dora", "rslora", "loha", "lokr")
 MATRIX = [(v, te) for v in VARIANTS for te in (False, True)]
@@ -197,7 +198,7 @@ def test_model_card_beside_the_adapter(train):
 
 
 def test_model_card_front_matter_for_a_hub_base():
-    from lora_dreambooth.model_card import model_card_text
+    from lora_dreambooth.files.model_card import model_card_text
 
     summary = {"token": "zwx", "class_noun": "cat", "instance_prompt": 'a "zwx": cat', "variant": "lora",
                "base_model": "CompVis/stable-diffusion-v1-4", "rank": 4, "alpha": 4.0, "train_text_encoder": True}
@@ -212,8 +213,8 @@ def test_model_card_front_matter_for_a_hub_base():
 def test_a_weight_for_a_missing_layer_is_refused_and_leaves_the_pipeline_untouched(train, tiny_base, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from lora_dreambooth.adapters.loading import load_into_pipeline
-    from lora_dreambooth.formats import read_file_metadata
+    from lora_dreambooth.files.loading import load_into_pipeline
+    from lora_dreambooth.files.metadata import read_file_metadata
 
     run = train("loha", True)
     tensors = load_file(str(run.file))

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .variants import AdapterVariant, remember_initial_factors
+from lora_dreambooth.adapters.variants import AdapterVariant, remember_initial_factors
 
 ADAPTER_NAME = "default"
 

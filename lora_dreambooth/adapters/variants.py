@@ -368,7 +368,7 @@ def register_variant(name: str, factory: Callable[[], AdapterVariant]) -> None:
 
 def get_variant(name: str) -> AdapterVariant:
     """The strategy object for `name`; unknown names are a user error."""
-    from ..errors import UserInputError
+    from lora_dreambooth.errors import UserInputError
 
     try:
         return _VARIANTS[name]()

@@ -22,107 +22,30 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from PIL import Image
 
-from .detectors import reference_histogram
-from .measure import Expectation, PromptStats, SamplerConfig, measure, world_expectations
-from .pretrain import PretrainConfig, pretrained_base
-from .world import SHAPES, write_subject_photos
+from lora_dreambooth.synthetic.config import BenchConfig, BenchResult
+from lora_dreambooth.synthetic.detectors import reference_histogram
+from lora_dreambooth.synthetic.measure import MODELS, Expectation, PromptStats, effects, measure, world_expectations
+from lora_dreambooth.synthetic.pretrain import pretrained_base
+from lora_dreambooth.synthetic.world import SHAPES, write_subject_photos
 
 if TYPE_CHECKING:
-    from ..config import TrainConfig
+    from lora_dreambooth.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-#: UNet layers the benchmark's adapters train: the attention projections (the trainer's default) plus the
-#: resnet convolutions and the transformer in/out projections ("LoCon"). In a UNet this small, attention-only LoRA
-#: shifted colours but could not draw the subject (measured: subject drawn 0-3 % of the time at rank 4-16).
-ATTENTION_AND_CONVS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out")
-MODELS = ("base", "adapter", "adapter_no_prior")
-MODEL_TITLES = {"base": "base", "adapter": "adapter (prior)", "adapter_no_prior": "adapter (no prior)"}
 
 
-@dataclass(frozen=True)
-class BenchConfig:
-    """One benchmark run: the base, the subject, the two trainings and the measurement budget."""
-
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    token: str = "sks"
-    class_noun: str = "triangle"
-    subject_photos: int = 5
-    subject_size: float = 0.55  # fraction of the picture (class-world shapes are 0.34-0.46)
-    steps: int = 1000
-    rank: int = 4
-    lr: float = 2e-3
-    text_encoder_lr: float | None = None  # None: = lr
-    train_text_encoder: bool = True
-    unet_targets: tuple[str, ...] | None = ATTENTION_AND_CONVS  # None: the trainer's default (attention only)
-    prior_weight: float = 1.0
-    num_class_images: int = 50
-    class_inference_steps: int = 20
-    samples: int = 32  # pictures per prompt family
-    edit_colors: tuple[str, ...] = ("blue", "red", "yellow")
-    world_repeats: int = 2  # pictures per "a photo of a {colour} {shape}" prompt
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    seed: int = 0
-
-    @property
-    def instance_prompt(self) -> str:
-        return f"a photo of {self.token} {self.class_noun}"
-
-    @property
-    def class_prompt(self) -> str:
-        return f"a photo of a {self.class_noun}"
 
 
-#: The CI variant: the same base (the package ships it), fewer training steps, class images and pictures.
-CI_CONFIG = BenchConfig(steps=600, num_class_images=16, class_inference_steps=10, samples=16, world_repeats=1,
-                        sampler=SamplerConfig(inference_steps=12))
 
 
-@dataclass
-class BenchResult:
-    """Every measured number (``stats[model][family]``), timings in seconds, and the files written."""
-
-    stats: dict[str, dict[str, PromptStats]]
-    seconds: dict[str, float]
-    base_dir: Path
-    files: dict[str, Path] = field(default_factory=dict)
-
-    def to_json(self, cfg: BenchConfig) -> dict:
-        """Plain-JSON form: config, timings, and every statistic."""
-        return {
-            "config": asdict(cfg),
-            "base": str(self.base_dir),
-            "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
-            "stats": {m: {f: s.as_dict() for f, s in fam.items()} for m, fam in self.stats.items()},
-            "effects": effects(self.stats),
-        }
 
 
-def effects(stats: dict[str, dict[str, PromptStats]]) -> dict[str, float]:
-    """The headline comparisons: gains (> 1) and differences (> 0) when DreamBooth and prior preservation work."""
-    base, prior, free = stats["base"], stats["adapter"], stats["adapter_no_prior"]
-    floor = 1.0 / max(base["subject"].count, 1)  # one picture's worth: keeps the ratio finite when the base scores 0
-
-    def world_colors(model: dict[str, PromptStats]) -> float:
-        parts = [model["class_color"], model["other_classes"]]
-        return sum(p.color_accuracy * p.count for p in parts) / sum(p.count for p in parts)
-
-    return {
-        "subject_similarity_gain": round(prior["subject"].subject_similarity
-                                         / max(base["subject"].subject_similarity, 1e-3), 2),
-        "subject_rate_gain": round(prior["subject"].subject_rate / max(base["subject"].subject_rate, floor), 2),
-        "drift_similarity_no_prior_minus_prior": round(free["class"].subject_similarity
-                                                       - prior["class"].subject_similarity, 3),
-        "drift_leak_no_prior_minus_prior": round(free["class"].subject_rate - prior["class"].subject_rate, 3),
-        "class_accuracy_prior_minus_no_prior": round(prior["class"].shape_accuracy - free["class"].shape_accuracy, 3),
-        "world_color_accuracy_prior_minus_no_prior": round(world_colors(prior) - world_colors(free), 3),
-    }
 
 
 # -- training through the package's real trainer ------------------------------------------------------------------
@@ -131,7 +54,7 @@ def train_config(cfg: BenchConfig, base: Path, instance_dir: Path, out: Path, **
 
     fp32 and the plain profile everywhere, so a run on a GPU measures what a CPU run does.
     """
-    from .. import TrainConfig
+    from lora_dreambooth import TrainConfig
 
     targets = {"unet_target_modules": cfg.unet_targets} if cfg.unet_targets else {}
     return TrainConfig(instance_dir=str(instance_dir), base=str(base), output_dir=str(out), token=cfg.token,
@@ -163,7 +86,7 @@ def wait_for_cli_training(process: subprocess.Popen, log_path: Path) -> None:
 
 def train_with_api(config: "TrainConfig") -> None:
     """Train one adapter in this process through ``lora_dreambooth.train(config)``."""
-    from .. import train
+    from lora_dreambooth import train
 
     with contextlib.redirect_stderr(io.StringIO()):  # the trainer's progress bar; errors still raise
         train(config)
@@ -233,7 +156,7 @@ def run_bench(cfg: BenchConfig, work_dir: str | Path, *, cache_root: str | Path 
               log: Callable[[str], None] = logger.info, device: str = "cpu",
               from_scratch: bool = False) -> BenchResult:
     """Pretrain (or reuse) the base, train both adapters, measure all three models, write table, JSON and grid."""
-    from .report import write_grid, write_markdown
+    from lora_dreambooth.synthetic.report import write_grid, write_markdown
 
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -271,9 +194,6 @@ def run_bench(cfg: BenchConfig, work_dir: str | Path, *, cache_root: str | Path 
     return result
 
 
-def with_overrides(cfg: BenchConfig, **changes) -> BenchConfig:
-    """``cfg`` with top-level fields replaced (``None`` values ignored)."""
-    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})
 
 
 __all__ = ["BenchConfig", "BenchResult", "CI_CONFIG", "run_bench", "effects", "prompt_families", "with_overrides"]

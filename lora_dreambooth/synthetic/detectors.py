@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from .world import COLORS, POSITIONS, SHAPES, SUBJECT_COLORS, SUBJECT_STRIPES, shape_mask
+from lora_dreambooth.synthetic.world import COLORS, POSITIONS, SHAPES, SUBJECT_COLORS, SUBJECT_STRIPES, shape_mask
 
 #: Every colour a pixel can vote for: the palette plus the subject's own colours.
 NAMED_COLORS: dict[str, tuple[int, int, int]] = {**COLORS, **SUBJECT_COLORS}

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .detectors import analyze, color_entropy, diversity
-from .world import COLORS, SHAPES
+from lora_dreambooth.synthetic.detectors import analyze, color_entropy, diversity
+from lora_dreambooth.synthetic.world import COLORS, SHAPES
 
 
 @dataclass(frozen=True)
@@ -82,3 +82,30 @@ def measure(pipe, label: str, expectations: Sequence[Expectation], sampler: Samp
 def world_expectations(repeats: int = 2, shapes: Sequence[str] = SHAPES) -> list[Expectation]:
     """Every "a photo of a {colour} {shape}" prompt of the world, ``repeats`` times."""
     return [Expectation(f"a photo of a {c} {s}", s, c) for s in shapes for c in COLORS] * repeats
+
+
+MODELS = ("base", "adapter", "adapter_no_prior")
+
+
+MODEL_TITLES = {"base": "base", "adapter": "adapter (prior)", "adapter_no_prior": "adapter (no prior)"}
+
+
+def effects(stats: dict[str, dict[str, PromptStats]]) -> dict[str, float]:
+    """The headline comparisons: gains (> 1) and differences (> 0) when DreamBooth and prior preservation work."""
+    base, prior, free = stats["base"], stats["adapter"], stats["adapter_no_prior"]
+    floor = 1.0 / max(base["subject"].count, 1)  # one picture's worth: keeps the ratio finite when the base scores 0
+
+    def world_colors(model: dict[str, PromptStats]) -> float:
+        parts = [model["class_color"], model["other_classes"]]
+        return sum(p.color_accuracy * p.count for p in parts) / sum(p.count for p in parts)
+
+    return {
+        "subject_similarity_gain": round(prior["subject"].subject_similarity
+                                         / max(base["subject"].subject_similarity, 1e-3), 2),
+        "subject_rate_gain": round(prior["subject"].subject_rate / max(base["subject"].subject_rate, floor), 2),
+        "drift_similarity_no_prior_minus_prior": round(free["class"].subject_similarity
+                                                       - prior["class"].subject_similarity, 3),
+        "drift_leak_no_prior_minus_prior": round(free["class"].subject_rate - prior["class"].subject_rate, 3),
+        "class_accuracy_prior_minus_no_prior": round(prior["class"].shape_accuracy - free["class"].shape_accuracy, 3),
+        "world_color_accuracy_prior_minus_no_prior": round(world_colors(prior) - world_colors(free), 3),
+    }

@@ -30,8 +30,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..tiny import build_tiny_tokenizer
-from .world import RARE_TAGS, VOCABULARY, make_class_dataset, random_class_spec, random_generic_spec, render, to_tensor
+from lora_dreambooth.synthetic.world import (RARE_TAGS, VOCABULARY, make_class_dataset, random_class_spec,
+                                             random_generic_spec, render, to_tensor)
+from lora_dreambooth.tiny import build_tiny_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 RECIPE_VERSION = 3
 MARKER = "synthetic_base.json"
 #: Where the package keeps its pretrained copy of the default base (see :func:`shipped_base`).
-SHIPPED_ROOT = Path(__file__).resolve().parent.parent / "data" / "synthetic"
+SHIPPED_ROOT = Path(__file__).resolve().parent.parent / "assets" / "synthetic"
 # Against a per-pixel mean squared error, SD's KL weight (1e-6 against a per-pixel *sum*) is ~3000x smaller.
 VAE_KL_WEIGHT = 1e-9
 # The posterior starts nearly deterministic (std e^-5): trainers sample latents from it, and with a KL weight this
@@ -199,7 +200,7 @@ def train_denoiser(parts: dict, latents: torch.Tensor, specs: list, cfg: Pretrai
     """Train UNet + text encoder from scratch with the DDPM epsilon loss on captioned latents (on their device)."""
     from diffusers import DDPMScheduler
 
-    from .world import caption_for
+    from lora_dreambooth.synthetic.world import caption_for
 
     unet, text_encoder, tokenizer = parts["unet"], parts["text_encoder"], parts["tokenizer"]
     noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)

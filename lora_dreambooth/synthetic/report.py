@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .world import SUBJECT_DESCRIPTION
+from lora_dreambooth.synthetic.world import SUBJECT_DESCRIPTION
 
 if TYPE_CHECKING:
-    from .bench import BenchConfig, BenchResult
+    from lora_dreambooth.synthetic.config import BenchConfig, BenchResult
 
 CELL = 64  # pixels per picture in the grid (32 px pictures shown at 2x)
 LABEL_WIDTH = 132
@@ -32,7 +32,7 @@ def _pooled(stats: dict, attribute: str) -> float:
 
 def table_rows(result: "BenchResult", cfg: "BenchConfig") -> list[tuple[str, str, str, list[str]]]:
     """(group, measure, prompt, [base, adapter, adapter without prior]) for every row of the table."""
-    from .bench import MODELS
+    from lora_dreambooth.synthetic.measure import MODELS
 
     s = result.stats
     t, noun = cfg.token, cfg.class_noun
@@ -68,7 +68,7 @@ def table_rows(result: "BenchResult", cfg: "BenchConfig") -> list[tuple[str, str
 
 def markdown_table(result: "BenchResult", cfg: "BenchConfig") -> str:
     """The results as one Markdown table (model columns: base, adapter with prior, adapter without prior)."""
-    from .bench import MODEL_TITLES, MODELS
+    from lora_dreambooth.synthetic.measure import MODEL_TITLES, MODELS
 
     lines = ["| | measure | prompt | " + " | ".join(MODEL_TITLES[m] for m in MODELS) + " |",
              "|---|---|---|" + "---:|" * len(MODELS)]
@@ -79,7 +79,7 @@ def markdown_table(result: "BenchResult", cfg: "BenchConfig") -> str:
 
 def write_markdown(result: "BenchResult", cfg: "BenchConfig", path: Path) -> Path:
     """Table, headline effects and timings as a small Markdown report."""
-    from .bench import effects
+    from lora_dreambooth.synthetic.measure import effects
 
     eff = effects(result.stats)
     sec = result.seconds
@@ -124,7 +124,7 @@ def write_grid(photos: Sequence[Image.Image], pictures: dict[str, dict[str, list
                cfg: "BenchConfig", path: Path, per_family: dict[str, int] | None = None) -> Path:
     """Rows: the subject photos, then base / adapter / adapter without prior; columns: pictures of the subject
     prompt, the colour edits and the plain class prompt (the same seeds in every row)."""
-    from .bench import MODEL_TITLES, MODELS
+    from lora_dreambooth.synthetic.measure import MODEL_TITLES, MODELS
 
     per_family = per_family or {"subject": 4, "edit": 3, "class": 5}
     columns = sum(per_family.values())

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainConfig, parse_size
-from .errors import UserInputError
+from lora_dreambooth.config import TrainConfig, parse_size
+from lora_dreambooth.errors import UserInputError
 
 log = logging.getLogger(__name__)
 

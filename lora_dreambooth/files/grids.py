@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .formats import atomic_path
+from lora_dreambooth.files.atomic import atomic_path
 
 
 def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import UserInputError
-from .images import find_images, load_image, load_images
+from lora_dreambooth.data.images import find_images, load_image, load_images
+from lora_dreambooth.errors import UserInputError
 
 log = logging.getLogger(__name__)
 

@@ -13,15 +13,14 @@ import json
 import logging
 from collections import Counter
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 
-from .adapters.payload import AdapterPayload, ComponentState, read_payload, write_diffusers_file
-from .adapters.variants import get_variant, variant_for_kohya_module
-from .errors import UserInputError
-from .formats import ADAPTER_FILENAME, METADATA_KEY, SAVE_DTYPES, atomic_path
+from lora_dreambooth.adapters.variants import get_variant, variant_for_kohya_module
+from lora_dreambooth.errors import UserInputError
+from lora_dreambooth.files.metadata import METADATA_KEY
+from lora_dreambooth.files.payload import AdapterPayload, ComponentState
 
 log = logging.getLogger(__name__)
 
@@ -109,30 +108,6 @@ def _training_comment(summary: dict[str, Any]) -> str:
             f"rank {summary.get('rank', '')}, alpha {summary.get('alpha', '')}").strip()
 
 
-def export_kohya(adapter: str | Path, out_file: str | Path, *, save_dtype: str | None = None) -> Path:
-    """Write `adapter` (a folder or file of ours) as a kohya/A1111/ComfyUI `.safetensors`, atomically.
-
-    Tensors keep the adapter file's precision unless `save_dtype` (fp16|bf16|fp32) says otherwise; `alpha`
-    scalars are always fp32 (an fp16 alpha would shift rsLoRA's alpha * sqrt(r) scale).
-    """
-    from safetensors.torch import save_file
-
-    from .formats import resolve_adapter_file
-
-    source = resolve_adapter_file(adapter)
-    out = Path(out_file)
-    if out.suffix.lower() != ".safetensors":
-        raise UserInputError(f"--out '{out}' must end in .safetensors")
-    if out.resolve() == source.resolve():
-        raise UserInputError(f"--out '{out}' is the adapter file itself; choose another name")
-    payload = _read_or_fail(source)
-    tensors = payload_to_kohya(payload)
-    dtype = SAVE_DTYPES[save_dtype or _common_dtype(payload)]
-    tensors = {k: (v.float() if k.endswith(".alpha") else v.to(dtype)).detach().cpu().contiguous()
-               for k, v in tensors.items()}
-    with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata=kohya_metadata(payload, tensors))
-    return out
 
 
 # -- import -----------------------------------------------------------------------------------------------------
@@ -233,33 +208,7 @@ def _summary_from_metadata(metadata: Mapping[str, str]) -> dict[str, Any]:
     return summary
 
 
-def import_adapter(file: str | Path, out_dir: str | Path, *, save_dtype: str | None = None,
-                   overwrite: bool = False) -> Path:
-    """Convert any adapter file we can read (kohya/LyCORIS included) into our layout in `out_dir`, with a card."""
-    from .formats import resolve_adapter_file
-    from .model_card import write_model_card
-
-    source = resolve_adapter_file(file)
-    target = Path(out_dir) / ADAPTER_FILENAME
-    if target.exists() and not overwrite:
-        raise UserInputError(f"'{target}' already exists; pass --overwrite to replace it")
-    payload = _read_or_fail(source)
-    payload.summary = {**payload.summary, "imported_from": str(source),
-                       "variant": payload.summary.get("variant", payload.variant.name)}
-    written = write_diffusers_file(target, payload, save_dtype=save_dtype or _common_dtype(payload))
-    write_model_card(Path(out_dir), payload.summary, variant=payload.variant)
-    return written
 
 
-def _read_or_fail(file: Path) -> AdapterPayload:
-    try:
-        return read_payload(file)
-    except UserInputError:
-        raise
-    except Exception as exc:  # safetensors / peft raise their own error types
-        raise UserInputError(f"adapter '{file}' cannot be read: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
-def _common_dtype(payload: AdapterPayload) -> str:
-    counts = Counter(t.dtype for s in payload.components.values() for t in s.state_dict.values())
-    return _DTYPE_NAMES.get(counts.most_common(1)[0][0], "fp32") if counts else "fp32"

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UserInputError
-from .inference import (BASE_ONLY, AdapterLibrary, GenerationLimits, GenerationRequest, ResidentPipeline,
-                        check_subject_name)
+from lora_dreambooth.errors import UserInputError
+from lora_dreambooth.serve.generation import GenerationLimits, GenerationRequest
+from lora_dreambooth.serve.library import BASE_ONLY, AdapterLibrary, check_subject_name
+from lora_dreambooth.serve.pipeline import ResidentPipeline
 
 log = logging.getLogger(__name__)
 

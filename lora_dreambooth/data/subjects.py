@@ -7,20 +7,20 @@ ordinary adapter per subject into `OUT/<name>/`, one after the other, reusing th
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .captions import mentions, photo_prompts
-from .config import DEFAULT_CLASS_PROMPT, DEFAULT_INSTANCE_PROMPT, SubjectConfig, TrainConfig, fill_prompt
-from .data import Example, load_examples
-from .errors import UserInputError
-from .formats import ADAPTER_FILENAME, write_text_atomic
+from lora_dreambooth.config import (DEFAULT_CLASS_PROMPT, DEFAULT_INSTANCE_PROMPT, SubjectConfig, TrainConfig,
+                                    fill_prompt)
+from lora_dreambooth.data.captions import mentions, photo_prompts
+from lora_dreambooth.data.examples import Example, load_examples
+from lora_dreambooth.errors import UserInputError
+from lora_dreambooth.files.metadata import ADAPTER_FILENAME
 
 log = logging.getLogger(__name__)
 
@@ -138,26 +138,3 @@ def subject_run_configs(config: TrainConfig) -> list[TrainConfig]:
     return configs
 
 
-def train_each_subject(config: TrainConfig, run_one: Callable[[TrainConfig], Any]) -> Any:
-    """Train one adapter per subject with `run_one` (the ordinary `train`); returns the last run's result with
-    `adapter_paths` listing every subject's adapter. With --resume, finished subjects are skipped."""
-    from .training import TrainResult
-
-    paths: list[Path] = []
-    result: Any = None
-    for sub in subject_run_configs(config):
-        finished = Path(sub.output_dir) / ADAPTER_FILENAME
-        if config.resume and finished.exists():
-            log.info("subject '%s': adapter already finished in '%s'; skipping", sub.subjects[0].label, finished)
-            paths.append(finished)
-            continue
-        log.info("subject '%s': training its own adapter into '%s'", sub.subjects[0].label, sub.output_dir)
-        result = run_one(sub)
-        if result.interrupted:
-            return result
-        if result.adapter_path is not None:
-            paths.append(Path(result.adapter_path))
-    write_text_atomic(Path(config.output_dir) / "train_config.toml", config.to_toml())
-    if result is None:
-        result = TrainResult(None, 0, 0, None)
-    return dataclasses.replace(result, adapter_path=paths[0] if paths else None, adapter_paths=paths)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import fill_prompt
-from .sampling import save_sample_grid
+from lora_dreambooth.config import fill_prompt
+from lora_dreambooth.files.grids import save_sample_grid
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 ``text_encoder``) a peft-layout state dict and the JSON-able peft config that built it, plus the variant strategy
 and our metadata summary. Our diffusers-layout file is what diffusers' `save_lora_weights` writes (keys
 ``unet.*`` / ``text_encoder.*``, a `lora_adapter_metadata` header so loaders use the right alpha) plus our own
-`lora_dreambooth` JSON block; the kohya/LyCORIS layout lives in `lora_dreambooth.kohya`.
+`lora_dreambooth` JSON block; the kohya/LyCORIS layout lives in `lora_dreambooth.files.kohya`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .variants import AdapterVariant, get_variant, jsonable, variant_for_config
+from lora_dreambooth.adapters.variants import AdapterVariant, get_variant, jsonable, variant_for_config
 
 COMPONENTS = ("unet", "text_encoder")
 
@@ -79,7 +79,8 @@ def write_diffusers_file(path: str | Path, payload: AdapterPayload, *, save_dtyp
     from diffusers import StableDiffusionPipeline
     from diffusers.loaders.lora_base import _pack_dict_with_prefix
 
-    from ..formats import DIFFUSERS_METADATA_KEY, METADATA_KEY, SAVE_DTYPES, atomic_path
+    from lora_dreambooth.files.atomic import atomic_path
+    from lora_dreambooth.files.metadata import DIFFUSERS_METADATA_KEY, METADATA_KEY, SAVE_DTYPES
 
     dtype = SAVE_DTYPES[save_dtype]
     layers: dict[str, dict[str, torch.Tensor] | None] = {c: None for c in COMPONENTS}
@@ -105,24 +106,12 @@ def write_diffusers_file(path: str | Path, payload: AdapterPayload, *, save_dtyp
     return path
 
 
-def read_payload(file: str | Path) -> AdapterPayload:
-    """Read any adapter file we understand (our diffusers layout, other diffusers-layout LoRAs, kohya/LyCORIS)."""
-    from safetensors.torch import load_file
-
-    from ..formats import read_file_metadata, read_summary
-    from ..kohya import is_kohya_state_dict, payload_from_kohya
-
-    tensors = load_file(str(file))
-    metadata = read_file_metadata(file)
-    if is_kohya_state_dict(tensors):
-        return payload_from_kohya(tensors, metadata)
-    return payload_from_diffusers_layout(tensors, metadata, read_summary(file))
 
 
 def payload_from_diffusers_layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
                                   summary: dict[str, Any]) -> AdapterPayload:
     """Split `unet.*` / `text_encoder.*` keys, take configs from `lora_adapter_metadata` (or infer LoRA ones)."""
-    from ..formats import DIFFUSERS_METADATA_KEY
+    from lora_dreambooth.files.metadata import DIFFUSERS_METADATA_KEY
 
     configs = unpack_component_configs(metadata.get(DIFFUSERS_METADATA_KEY))
     by_component: dict[str, dict[str, torch.Tensor]] = {}

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .formats import atomic_path, write_text_atomic
+from lora_dreambooth.files.atomic import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class ClassImagePlan:
 
 def plan_class_images(folder: Path, wanted: int, *, rank: int = 0, world_size: int = 1) -> ClassImagePlan:
     """Count usable images in `folder`; the missing ones get the next free indices, split across ranks."""
-    from .images import IMAGE_EXTENSIONS
+    from lora_dreambooth.data.images import IMAGE_EXTENSIONS
 
     folder.mkdir(parents=True, exist_ok=True)
     present = sorted(p for p in folder.iterdir()
@@ -95,7 +95,7 @@ def decode_latents(pipe, latents: torch.Tensor) -> list:
 
 def write_manifest(folder: Path, *, base: str, prompt: str, resolution: int, seed: int, steps: int) -> None:
     """Record how the class images were made (base, prompt, count, seed) beside them."""
-    from .images import IMAGE_EXTENSIONS
+    from lora_dreambooth.data.images import IMAGE_EXTENSIONS
 
     count = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
     manifest = {"base": base, "prompt": prompt, "resolution": resolution, "seed": seed,

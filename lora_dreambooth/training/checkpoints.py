@@ -15,9 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .errors import UserInputError
+from lora_dreambooth.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +100,7 @@ def read_checkpoint_state(checkpoint: Path) -> dict[str, Any]:
 
 def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
     """Refuse to resume when an option that changes the maths differs from the checkpoint's."""
-    from .config import TrainConfig
+    from lora_dreambooth.config import TrainConfig
 
     # An option absent from an older checkpoint had its default then (fields added later default to old behaviour).
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}

@@ -3,7 +3,7 @@
 Every photo goes to the bucket (width x height, about `resolution`² pixels, sides multiples of the model's
 step) whose aspect ratio is closest to its own, is resized to cover it and centre-cropped, and is encoded once
 at that size. A batch holds photos of one bucket only; which bucket and which photos is a pure function of
-(seed, step), like :class:`~lora_dreambooth.data.EpochSampler`, so resuming stays bit-exact.
+(seed, step), like :class:`~lora_dreambooth.data.examples.EpochSampler`, so resuming stays bit-exact.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import Example, encode_latents
+from lora_dreambooth.data.examples import Example, encode_latents
 
 Size = tuple[int, int]  # (width, height) in pixels
 MAX_ASPECT = 2.0
@@ -145,7 +145,7 @@ class BucketSampler:
 
     Each epoch (a generator seeded by seed and epoch) shuffles every bucket's photos, cuts them into global
     batches (a bucket's last batch is filled up with its own photos again), and shuffles the order of all
-    batches. Ranks take consecutive slices of a global batch, as with :class:`~lora_dreambooth.data.EpochSampler`.
+    batches. Ranks take consecutive slices of a global batch, as with :class:`~lora_dreambooth.data.examples.EpochSampler`.
     """
 
     buckets: list[Size]  # the bucket of each example

@@ -6,36 +6,42 @@ owns the file layout. Randomness is a pure function of (seed, step, rank), so a 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from . import __version__
-from .adapters import get_variant, inject_adapters, trainable_parameters
-from .buckets import (BucketLatentCache, BucketSampler, MaskCache, assign_buckets, bucket_sizes, bucket_step,
-                      vae_factor)
-from .captions import dropout_mask
-from .checkpoints import (check_resume_compatible, install_adapter_hooks, latest_checkpoint, read_checkpoint_state,
-                          save_checkpoint)
-from .config import TrainConfig
-from .data import EpochSampler, LatentCache, Shard, load_examples
-from .errors import TrainingDiverged, UserInputError
-from .fast import CudaGraphStep, checkpoint_without_rng_state, compile_in_place, make_optimizer_capturable
-from .formats import ADAPTER_FILENAME, save_adapter, write_text_atomic
-from .losses import add_noise_offset, denoising_target, dreambooth_loss, min_snr_weights, snr_table
-from .lowmem import ExecutionPlan, choose_plan, device_free_bytes, footprint, quantize_frozen
-from .model_card import finish_adapter_folder
-from .models import load_base, resolve_base
-from .optim import build_lr_scheduler, build_optimizer
-from .priors import check_manifest, default_class_dir, generate_class_images, plan_class_images, write_manifest
-from .subjects import class_image_sets, load_subject_examples, resolve_subjects, subjects_summary, train_each_subject
-from .tokens import check_tokens
-from .validation import validation_due, validation_prompts, write_validation_grid
+from lora_dreambooth.adapters import get_variant, inject_adapters, trainable_parameters
+from lora_dreambooth.config import TrainConfig
+from lora_dreambooth.data.buckets import (BucketLatentCache, BucketSampler, MaskCache, assign_buckets, bucket_sizes,
+                                          bucket_step, vae_factor)
+from lora_dreambooth.data.captions import dropout_mask
+from lora_dreambooth.data.examples import EpochSampler, LatentCache, Shard, load_examples
+from lora_dreambooth.data.subjects import (class_image_sets, load_subject_examples, resolve_subjects,
+                                           subject_run_configs, subjects_summary)
+from lora_dreambooth.data.tokens import check_tokens
+from lora_dreambooth.errors import TrainingDiverged, UserInputError
+from lora_dreambooth.files.adapter_file import save_adapter
+from lora_dreambooth.files.atomic import write_text_atomic
+from lora_dreambooth.files.export import finish_adapter_folder
+from lora_dreambooth.files.metadata import ADAPTER_FILENAME
+from lora_dreambooth.models import load_base, resolve_base
+from lora_dreambooth.training.checkpoints import (check_resume_compatible, install_adapter_hooks, latest_checkpoint,
+                                               read_checkpoint_state, save_checkpoint)
+from lora_dreambooth.training.graph import (CudaGraphStep, checkpoint_without_rng_state, compile_in_place,
+                                         make_optimizer_capturable)
+from lora_dreambooth.training.losses import add_noise_offset, denoising_target, dreambooth_loss, min_snr_weights, snr_table
+from lora_dreambooth.training.lowmem import ExecutionPlan, choose_plan, device_free_bytes, footprint, quantize_frozen
+from lora_dreambooth.training.optim import build_lr_scheduler, build_optimizer
+from lora_dreambooth.training.priors import (check_manifest, default_class_dir, generate_class_images, plan_class_images,
+                                          write_manifest)
+from lora_dreambooth.training.validation import validation_due, validation_prompts, write_validation_grid
+from lora_dreambooth.version import __version__
 
 log = logging.getLogger(__name__)
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -569,7 +575,7 @@ class DreamBoothRecipe:
                               accelerator=self.accelerator)
 
     def _write_samples(self) -> None:
-        from .sampling import save_sample_grid
+        from lora_dreambooth.files.grids import save_sample_grid
 
         pipe = self.base.pipeline()
         pipe.vae.to(self.device, torch.float32)
@@ -667,3 +673,27 @@ class _stop_on_signals:
         for sig, old in self.previous.items():
             signal.signal(sig, old)
         return False
+
+
+def train_each_subject(config: TrainConfig, run_one: Callable[[TrainConfig], Any]) -> Any:
+    """Train one adapter per subject with `run_one` (the ordinary `train`); returns the last run's result with
+    `adapter_paths` listing every subject's adapter. With --resume, finished subjects are skipped."""
+
+    paths: list[Path] = []
+    result: Any = None
+    for sub in subject_run_configs(config):
+        finished = Path(sub.output_dir) / ADAPTER_FILENAME
+        if config.resume and finished.exists():
+            log.info("subject '%s': adapter already finished in '%s'; skipping", sub.subjects[0].label, finished)
+            paths.append(finished)
+            continue
+        log.info("subject '%s': training its own adapter into '%s'", sub.subjects[0].label, sub.output_dir)
+        result = run_one(sub)
+        if result.interrupted:
+            return result
+        if result.adapter_path is not None:
+            paths.append(Path(result.adapter_path))
+    write_text_atomic(Path(config.output_dir) / "train_config.toml", config.to_toml())
+    if result is None:
+        result = TrainResult(None, 0, 0, None)
+    return dataclasses.replace(result, adapter_path=paths[0] if paths else None, adapter_paths=paths)

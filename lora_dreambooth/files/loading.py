@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserInputError
-from .payload import AdapterPayload, read_payload
+from lora_dreambooth.errors import UserInputError
+from lora_dreambooth.files.payload import AdapterPayload, payload_from_diffusers_layout
 
 
 def load_into_pipeline(pipe: Any, file: str | Path, adapter_name: str | None = None) -> str:
@@ -50,8 +50,8 @@ def read_payload_for(file: str | Path, module_names: dict[str, list[str]] | None
     """Read `file` (kohya names resolved against `module_names` when given); unreadable files are user errors."""
     from safetensors.torch import load_file
 
-    from ..formats import read_file_metadata
-    from ..kohya import is_kohya_state_dict, payload_from_kohya
+    from lora_dreambooth.files.kohya import is_kohya_state_dict, payload_from_kohya
+    from lora_dreambooth.files.metadata import read_file_metadata
 
     try:
         tensors = load_file(str(file))
@@ -71,9 +71,9 @@ def needs_exact_loader(file: str | Path) -> bool:
     """
     from safetensors import safe_open
 
-    from ..formats import DIFFUSERS_METADATA_KEY
-    from .payload import unpack_component_configs
-    from .variants import variant_for_config
+    from lora_dreambooth.adapters.variants import variant_for_config
+    from lora_dreambooth.files.metadata import DIFFUSERS_METADATA_KEY
+    from lora_dreambooth.files.payload import unpack_component_configs
 
     with safe_open(str(file), framework="pt") as fh:
         keys = list(fh.keys())
@@ -144,3 +144,17 @@ def _remove(pipe: Any, components: list[str], name: str) -> None:
             if isinstance(module, BaseTunerLayer) and name in module._get_available_adapters():
                 module.delete_adapter(name)
         getattr(model, "peft_config", {}).pop(name, None)
+
+
+def read_payload(file: str | Path) -> AdapterPayload:
+    """Read any adapter file we understand (our diffusers layout, other diffusers-layout LoRAs, kohya/LyCORIS)."""
+    from safetensors.torch import load_file
+
+    from lora_dreambooth.files.kohya import is_kohya_state_dict, payload_from_kohya
+    from lora_dreambooth.files.metadata import read_file_metadata, read_summary
+
+    tensors = load_file(str(file))
+    metadata = read_file_metadata(file)
+    if is_kohya_state_dict(tensors):
+        return payload_from_kohya(tensors, metadata)
+    return payload_from_diffusers_layout(tensors, metadata, read_summary(file))

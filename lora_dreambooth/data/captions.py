@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .config import fill_prompt
-from .errors import UserInputError
+from lora_dreambooth.config import fill_prompt
+from lora_dreambooth.errors import UserInputError
 
 log = logging.getLogger(__name__)
 

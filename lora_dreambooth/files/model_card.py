@@ -11,8 +11,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .adapters.variants import DIFFUSERS, AdapterVariant, get_variant
-from .formats import ADAPTER_FILENAME, write_text_atomic
+from lora_dreambooth.adapters.variants import DIFFUSERS, AdapterVariant, get_variant
+from lora_dreambooth.files.atomic import write_text_atomic
+from lora_dreambooth.files.metadata import ADAPTER_FILENAME
 
 CARD_FILENAME = "README.md"
 #: SD v1.x weights are released under CreativeML Open RAIL-M; an adapter trained on them inherits its terms.
@@ -88,7 +89,7 @@ def _usage(summary: dict[str, Any], variant: AdapterVariant, base: str) -> list[
         load = ['pipe.load_lora_weights("path/to/this/folder")']
     else:
         load = ["# diffusers' own loader does not reproduce this variant exactly; lora-dreambooth's does",
-                "from lora_dreambooth.inference import load_adapter",
+                "from lora_dreambooth import load_adapter",
                 'load_adapter(pipe, "path/to/this/folder")']
     return ["## Use it with diffusers", "", "```python", "import torch",
             "from diffusers import StableDiffusionPipeline", "",
@@ -129,15 +130,3 @@ def kohya_filename(summary: dict[str, Any]) -> str:
     return f"{stem or 'adapter'}_kohya.safetensors"
 
 
-def finish_adapter_folder(adapter_file: str | Path, summary: dict[str, Any], *,
-                          export: tuple[str, ...] = ()) -> dict[str, Path]:
-    """After the adapter is saved: the requested exports (`kohya`) beside it, then the model card listing them."""
-    from .kohya import export_kohya
-
-    adapter_file = Path(adapter_file)
-    written: dict[str, Path] = {}
-    if "kohya" in export:
-        written["kohya"] = export_kohya(adapter_file, adapter_file.parent / kohya_filename(summary))
-    written["card"] = write_model_card(adapter_file.parent, summary,
-                                       kohya_file=written["kohya"].name if "kohya" in written else None)
-    return written
