@@ -118,13 +118,14 @@ def assert_refused(run, *fragments: str, out: Path | None = None) -> str:
 @pytest.fixture
 def nothing_loads(monkeypatch):
     """Tripwire: refusals must come before the base model loads, class images are made or the output is touched."""
+    from lora_dreambooth.training import priors
     from lora_dreambooth.training import recipe as training
 
     def tripped(*args, **kwargs):
         raise AssertionError("expensive setup started before the bad input was refused")
 
     monkeypatch.setattr(training, "load_base", tripped)
-    monkeypatch.setattr(training, "generate_class_images", tripped)
+    monkeypatch.setattr(priors, "generate_class_images", tripped)
     monkeypatch.setattr(training.DreamBoothRecipe, "_make_accelerator", tripped)
 
 

@@ -39,7 +39,7 @@ def _config(instance_dir, base, out, **overrides) -> TrainConfig:
 
 
 @contextmanager
-def _debug_lines(name: str = "lora_dreambooth.training.recipe"):
+def _debug_lines(name: str = "lora_dreambooth.training.batches"):
     """Collect the DEBUG messages of one of our loggers (whatever the CLI did to the parent's handlers)."""
     lines: list[str] = []
     handler = logging.Handler(logging.DEBUG)
@@ -125,8 +125,8 @@ def test_two_subjects_one_adapter_knows_both(tmp_path, tiny_base, dog_dir, cat_d
     unet, te = recipe.base.unet, recipe.base.text_encoder
     for subject in recipe.subjects:
         rows = [i for i, e in enumerate(recipe.instance) if e.subject == subject.index]
-        latents = recipe.instance_latents.plain[rows]
-        ids = recipe.prompt_ids[[recipe.prompt_row[subject.instance_prompt]] * len(rows)]
+        latents = recipe.batches.instance_latents.plain[rows]
+        ids = recipe.prompts.ids[[recipe.prompts.row[subject.instance_prompt]] * len(rows)]
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(5)).to(latents.device)
         steps = [torch.full((len(rows),), t, device=latents.device) for t in (100, 400, 700)]
         losses = {}
@@ -212,13 +212,13 @@ def test_buckets_keep_the_framing_of_non_square_photos(tmp_path, tiny_base, dog_
                   class_dir=str(tmp_path / "class"), flip=True)
     recipe = DreamBoothRecipe(cfg)
     recipe.setup()
-    assert recipe.instance_buckets == [(40, 24), (24, 40), (40, 24), (24, 40)]
-    for example, (w, h) in zip(recipe.instance, recipe.instance_buckets):
+    assert recipe.batches.instance_buckets == [(40, 24), (24, 40), (40, 24), (24, 40)]
+    for example, (w, h) in zip(recipe.instance, recipe.batches.instance_buckets):
         assert abs(np.log((w / h) / (example.image.width / example.image.height))) < 0.1  # aspect kept
     for step in range(4):
-        latents, rows = recipe._batch(step)
-        idx, _ = recipe.instance_sampler.indices(step)
-        w, h = recipe.instance_buckets[int(idx[0])]
+        latents, rows = recipe.batches.batch(step)
+        idx, _ = recipe.batches.instance_sampler.indices(step)
+        w, h = recipe.batches.instance_buckets[int(idx[0])]
         assert latents.shape == (4, 4, h // 2, w // 2)  # 2 photos + 2 class images, all at the bucket's size
     result = recipe.save(recipe.train())
     assert result.last_loss is not None and np.isfinite(result.last_loss)
@@ -283,7 +283,7 @@ def test_masked_loss_trains_and_mask_files_are_not_photos(tmp_path, tiny_base, d
                                       batch_size=2))
     recipe.setup()
     assert [e.path.name for e in recipe.instance] == ["00.jpg", "01.jpg"]
-    masks = recipe.instance_masks.batch(torch.tensor([0, 1]), torch.tensor([False, False]))
+    masks = recipe.batches.instance_masks.batch(torch.tensor([0, 1]), torch.tensor([False, False]))
     assert masks.shape == (2, 1, 16, 16) and masks[0].mean().item() == pytest.approx(0.25) and masks[1].min() == 1
     result = recipe.save(recipe.train())
     assert np.isfinite(result.last_loss)
@@ -297,9 +297,9 @@ def test_noise_offset_adds_one_constant_per_sample_and_channel(tmp_path, tiny_ba
     offset = DreamBoothRecipe(_config(dog_dir, tiny_base, tmp_path / "b", batch_size=4, noise_offset=0.1,
                                       prediction_type="v_prediction"))
     offset.setup()
-    latents, _ = plain._batch(0)
-    base_noise, base_t = plain._noise(latents, 0)
-    noise, t = offset._noise(latents, 0)
+    latents, _ = plain.batches.batch(0)
+    base_noise, base_t = plain.batches.noise(latents, 0)
+    noise, t = offset.batches.noise(latents, 0)
     assert torch.equal(t, base_t)
     shift = noise - base_noise
     assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-6)  # constant over the image
@@ -310,8 +310,8 @@ def test_noise_offset_adds_one_constant_per_sample_and_channel(tmp_path, tiny_ba
     assert scheduler.config.prediction_type == "v_prediction"
     noisy = scheduler.add_noise(latents, noise, t)
     velocity = scheduler.get_velocity(latents, noise, t)
-    assert offset._loss(velocity, latents, noise, noisy, t, None, None).item() == 0.0
-    assert offset._loss(noise, latents, noise, noisy, t, None, None).item() > 0.01
+    assert offset.objective(velocity, latents, noise, noisy, t, None, None).item() == 0.0
+    assert offset.objective(noise, latents, noise, noisy, t, None, None).item() > 0.01
 
 
 # -- prior from the base model ---------------------------------------------------------------------------------------
@@ -322,26 +322,26 @@ def test_model_prior_is_zero_for_an_untrained_adapter(tmp_path, tiny_base, dog_d
     recipe.setup()
     assert recipe.class_examples == [] and not (tmp_path / "never").exists()  # no generation, no disk
     trainable = [p for p in recipe.base.unet.parameters() if p.requires_grad]
-    latents, rows = recipe._batch(0)
-    assert [recipe.prompts[int(r)] for r in rows[2:]] == ["a photo of dog"] * 2
+    latents, rows = recipe.batches.batch(0)
+    assert [recipe.prompts.texts[int(r)] for r in rows[2:]] == ["a photo of dog"] * 2
     assert torch.equal(latents[2:], latents[:2])  # the class rows reuse the instance latents
-    noise, timesteps = recipe._noise(latents, 0)
+    noise, timesteps = recipe.batches.noise(latents, 0)
     noisy = recipe.base.noise_scheduler.add_noise(latents, noise, timesteps)
-    hidden = recipe.text_encoder(recipe.prompt_ids[rows])[0]
+    hidden = recipe.text_encoder(recipe.prompts.ids[rows])[0]
     prediction = recipe.unet(noisy, timesteps, hidden).sample
-    prior_target = recipe._base_prediction(noisy[2:], timesteps[2:], rows[2:])
+    prior_target = recipe.objective.base_prediction(noisy[2:], timesteps[2:], rows[2:])
     _, instance, prior = dreambooth_loss(prediction, torch.cat([noise[:2], prior_target]), 2, 1.0)
     assert prior.item() < (1e-10 if not torch.cuda.is_available() else 1e-5 * instance.item())
     assert instance.item() > 0.1
-    total = recipe._loss(prediction, latents, noise, noisy, timesteps, rows, None)
+    total = recipe.objective(prediction, latents, noise, noisy, timesteps, rows, None)
     torch.testing.assert_close(total, instance, **EXACT)
     assert [p for p in recipe.base.unet.parameters() if p.requires_grad] == trainable  # adapters trainable again
     result = recipe.save(recipe.train())
     assert np.isfinite(result.last_loss)
     # after training, the target is still the base's own prediction (adapters off), and the adapter now differs
     with torch.no_grad():
-        trained = recipe.unet(noisy, timesteps, recipe.text_encoder(recipe.prompt_ids[rows])[0]).sample
-    torch.testing.assert_close(recipe._base_prediction(noisy[2:], timesteps[2:], rows[2:]), prior_target)
+        trained = recipe.unet(noisy, timesteps, recipe.text_encoder(recipe.prompts.ids[rows])[0]).sample
+    torch.testing.assert_close(recipe.objective.base_prediction(noisy[2:], timesteps[2:], rows[2:]), prior_target)
     assert dreambooth_loss(trained, torch.cat([noise[:2], prior_target]), 2, 1.0)[2].item() > 1e-8
 
 

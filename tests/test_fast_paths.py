@@ -128,7 +128,7 @@ class _TextEncoderEveryStep(DreamBoothRecipe):
     def _prepare_text(self) -> None:
         super()._prepare_text()
         self.base.text_encoder.to(self.device, self.weight_dtype)
-        self.cached_text = _LiveText(self.base.text_encoder, self.prompt_ids)
+        self.cached_text = _LiveText(self.base.text_encoder, self.prompts.ids)
 
 
 class _LiveText:

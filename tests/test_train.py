@@ -80,7 +80,7 @@ def test_adapter_file_metadata(trained):
 def test_training_lowers_instance_loss(trained):
     """Same noise and timesteps: the adapted UNet denoises the instance latents better than the base."""
     recipe, _, _ = trained
-    latents = recipe.instance_latents.plain
+    latents = recipe.batches.instance_latents.plain
     g = torch.Generator().manual_seed(123)
     noise = torch.randn(latents.shape, generator=g)
     losses = {}
@@ -91,7 +91,7 @@ def test_training_lowers_instance_loss(trained):
         te.enable_adapters() if enabled else te.disable_adapters()
         total = 0.0
         with torch.no_grad():
-            hidden = te(recipe.prompt_ids[recipe.instance_rows])[0]
+            hidden = te(recipe.prompts.ids[recipe.batches.instance_rows])[0]
             for t in (100, 300, 500, 700, 900):
                 timesteps = torch.full((latents.shape[0],), t)
                 noisy = recipe.base.noise_scheduler.add_noise(latents, noise, timesteps)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable
 
 from PIL import Image
 
-from lora_dreambooth.synthetic.config import BenchConfig, BenchResult
+from lora_dreambooth.synthetic.config import CI_CONFIG, BenchConfig, BenchResult, with_overrides
 from lora_dreambooth.synthetic.detectors import reference_histogram
 from lora_dreambooth.synthetic.measure import MODELS, Expectation, PromptStats, effects, measure, world_expectations
 from lora_dreambooth.synthetic.pretrain import pretrained_base
@@ -192,8 +192,6 @@ def run_bench(cfg: BenchConfig, work_dir: str | Path, *, cache_root: str | Path 
     result.files["markdown"] = write_markdown(result, cfg, work / "synthetic_dreambench.md")
     result.files["grid"] = write_grid(photos, pictures, cfg, work / "synthetic_dreambench.png")
     return result
-
-
 
 
 __all__ = ["BenchConfig", "BenchResult", "CI_CONFIG", "run_bench", "effects", "prompt_families", "with_overrides"]

@@ -427,3 +427,11 @@ def device_free_bytes(device: torch.device) -> int | None:
         return None
     free, _ = torch.cuda.mem_get_info(device)
     return int(free)
+
+
+def plan_for_base(cfg: TrainConfig, base: Any, *, device: torch.device, num_processes: int) -> ExecutionPlan:
+    """Resolve --profile / --max-vram for this base on this device (what runs: CUDA graph, NF4 base, checkpointing)."""
+    unet = footprint(base.unet, cfg.unet_target_modules, cfg.rank)
+    te = footprint(base.text_encoder, cfg.text_encoder_target_modules, cfg.rank) if cfg.train_text_encoder else None
+    return choose_plan(cfg, device=device, num_processes=num_processes, unet=unet, text_encoder=te,
+                       free_bytes=device_free_bytes(device))

@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from lora_dreambooth.config import TrainConfig
+from lora_dreambooth.data.examples import Example, load_examples
 from lora_dreambooth.files.atomic import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -114,3 +116,37 @@ def check_manifest(folder: Path, *, prompt: str) -> None:
         return
     if made_for and made_for != prompt:
         log.warning("class images in '%s' were generated for prompt '%s', not '%s'", folder, made_for, prompt)
+
+
+def prepare_class_images(base, accelerator, cfg: TrainConfig, *, prompt: str, class_dir: str | None,
+                         device: torch.device, weight_dtype: torch.dtype, offload_after: bool) -> list[Example]:
+    """The class images of `prompt`: the missing ones generated with the frozen base (split across ranks, written
+    atomically, recorded in the manifest), then all of them loaded as examples.
+
+    The frozen models reach the device only when there is something to generate; with `offload_after` (the
+    low-memory profile quantizes from the CPU copy) they go back to the CPU afterwards.
+    """
+    folder = Path(class_dir) if class_dir else default_class_dir(cfg.base, prompt, cfg.resolution)
+    check_manifest(folder, prompt=prompt)
+    accelerator.wait_for_everyone()
+    plan = plan_class_images(folder, cfg.num_class_images, rank=accelerator.process_index,
+                             world_size=accelerator.num_processes)
+    accelerator.wait_for_everyone()  # all ranks have listed the folder before any of them writes into it
+    if plan.missing_indices or plan.existing < cfg.num_class_images:
+        log.info("class images: %d in '%s', generating %d on this process", plan.existing, folder,
+                 len(plan.missing_indices))
+    if plan.missing_indices:
+        base.unet.to(device, weight_dtype)
+        base.text_encoder.to(device, weight_dtype)
+        base.vae.to(device, torch.float32)  # never rounded: the same VAE then encodes the latents
+        generate_class_images(base.pipeline, plan, prompt=prompt, resolution=cfg.resolution,
+                              steps=cfg.class_inference_steps, seed=cfg.seed * 7919 + 1)
+        if offload_after:
+            for model in (base.unet, base.text_encoder, base.vae):
+                model.to("cpu")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_manifest(folder, base=cfg.base, prompt=prompt, resolution=cfg.resolution, seed=cfg.seed,
+                       steps=cfg.class_inference_steps)
+    examples = load_examples(folder, prompt, cfg.resolution, what="class image folder", skip_bad=True)
+    return examples[: max(cfg.num_class_images, 1)]

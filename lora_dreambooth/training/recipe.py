@@ -1,50 +1,49 @@
 """The DreamBooth LoRA training recipe: setup -> loop -> save, reading top to bottom.
 
-Built from components that know nothing about this recipe (data, priors, models, adapters, losses, checkpoints,
-formats). accelerate owns devices, mixed precision, DDP and checkpoint state; peft owns the adapters; diffusers
-owns the file layout. Randomness is a pure function of (seed, step, rank), so a resumed run is bit-identical.
+Built from components that know nothing about this recipe (data, priors, models, adapters, batches, objective,
+checkpoints, files). accelerate owns devices, mixed precision, DDP and checkpoint state; peft owns the adapters;
+diffusers owns the file layout. Randomness is a pure function of (seed, step, rank), so a resumed run is
+bit-identical.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from lora_dreambooth.adapters import get_variant, inject_adapters, trainable_parameters
 from lora_dreambooth.config import TrainConfig
-from lora_dreambooth.data.buckets import (BucketLatentCache, BucketSampler, MaskCache, assign_buckets, bucket_sizes,
-                                          bucket_step, vae_factor)
-from lora_dreambooth.data.captions import dropout_mask
-from lora_dreambooth.data.examples import EpochSampler, LatentCache, Shard, load_examples
 from lora_dreambooth.data.subjects import (class_image_sets, load_subject_examples, resolve_subjects,
                                            subject_run_configs, subjects_summary)
 from lora_dreambooth.data.tokens import check_tokens
-from lora_dreambooth.errors import TrainingDiverged, UserInputError
 from lora_dreambooth.files.adapter_file import save_adapter
 from lora_dreambooth.files.atomic import write_text_atomic
 from lora_dreambooth.files.export import finish_adapter_folder
-from lora_dreambooth.files.metadata import ADAPTER_FILENAME
+from lora_dreambooth.files.metadata import ADAPTER_FILENAME, adapter_summary
 from lora_dreambooth.models import load_base, resolve_base
+from lora_dreambooth.training.batches import MicroBatches, Placement
 from lora_dreambooth.training.checkpoints import (check_resume_compatible, install_adapter_hooks, latest_checkpoint,
-                                               read_checkpoint_state, save_checkpoint)
+                                                  read_checkpoint_state, save_checkpoint)
 from lora_dreambooth.training.graph import (CudaGraphStep, checkpoint_without_rng_state, compile_in_place,
-                                         make_optimizer_capturable)
-from lora_dreambooth.training.losses import add_noise_offset, denoising_target, dreambooth_loss, min_snr_weights, snr_table
-from lora_dreambooth.training.lowmem import ExecutionPlan, choose_plan, device_free_bytes, footprint, quantize_frozen
+                                            make_optimizer_capturable)
+from lora_dreambooth.training.lowmem import plan_for_base, quantize_frozen
+from lora_dreambooth.training.objective import DreamBoothObjective
 from lora_dreambooth.training.optim import build_lr_scheduler, build_optimizer
-from lora_dreambooth.training.priors import (check_manifest, default_class_dir, generate_class_images, plan_class_images,
-                                          write_manifest)
-from lora_dreambooth.training.validation import validation_due, validation_prompts, write_validation_grid
+from lora_dreambooth.training.priors import prepare_class_images
+from lora_dreambooth.training.prompts import PromptTable
+from lora_dreambooth.training.runtime import (WEIGHT_DTYPES, StopOnSignals, auto_mixed_precision, check_output_folder,
+                                              check_resume_matches, divergence_error, make_accelerator, params_digest,
+                                              progress_bar, warn_skipped_steps)
+from lora_dreambooth.training.validation import (validation_due, validation_prompts, write_sample_images,
+                                                 write_validation_grid)
 from lora_dreambooth.version import __version__
 
 log = logging.getLogger(__name__)
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GRAPH_WARMUP_STEPS = 3  # eager steps before the training step is captured in a CUDA graph
 
 
@@ -77,8 +76,8 @@ class DreamBoothRecipe:
     def setup(self) -> None:
         """Check the output folder, load data and base, make class images, cache latents, inject adapters."""
         # Cheap checks first: a bad photo, base folder or resume mismatch fails before anything is loaded or written.
-        self._check_output_dir()
-        self._check_resume_matches()
+        check_output_folder(self.cfg, self.out)
+        check_resume_matches(self.cfg, self.out)
         self.subjects = resolve_subjects(self.cfg)
         self.instance = load_subject_examples(self.cfg, self.subjects)
         resolve_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle)
@@ -89,61 +88,24 @@ class DreamBoothRecipe:
         self.total_steps = self.cfg.total_steps(len(self.instance))
         self.base = load_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle)
         self._adapt_to_base()
-        self.plan = self._choose_plan()
+        self.plan = plan_for_base(self.cfg, self.base, device=self.device, num_processes=self.accelerator.num_processes)
+        if self.accelerator.is_main_process:
+            log.info(self.plan.describe())
         self.use_prior = self.cfg.prior and self.cfg.prior_weight > 0
         self.model_prior = self.use_prior and self.cfg.prior_mode == "model"  # no class images: the base is the prior
-        self.class_examples = []
-        if self.use_prior and not self.model_prior:
-            self.class_examples = self._prepare_class_images()
-        self._cache_latents()
+        self.class_examples = self._prepare_class_images() if self.use_prior and not self.model_prior else []
         self._prepare_text()
+        self._cache_latents()
         self._inject_adapters()
         self._prepare_optimization()
         self._maybe_resume()
         self._prepare_step_runner()
 
-    def _check_output_dir(self) -> None:
-        finished = self.out / ADAPTER_FILENAME
-        if finished.exists() and not (self.cfg.overwrite or self.cfg.resume):
-            raise UserInputError(f"output folder '{self.out}' already holds a finished adapter; "
-                                 f"pass --overwrite to replace it or choose another --output")
-        if self.out.exists() and not self.out.is_dir():
-            raise UserInputError(f"--output '{self.out}' exists and is not a folder")
-        if self.cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-            raise UserInputError("--mixed-precision fp16 needs a CUDA GPU; on this machine use bf16 or no")
-
-    def _check_resume_matches(self) -> None:
-        """Refuse a mismatched --resume before any model loads; warn when checkpoints would be ignored."""
-        checkpoint = latest_checkpoint(self.out) if self.out.is_dir() else None
-        if checkpoint is None:
-            return
-        if not self.cfg.resume:
-            log.warning("output folder '%s' holds checkpoints of an earlier run (latest: %s); this run starts "
-                        "from step 0; pass --resume to continue that run instead", self.out, checkpoint.name)
-            return
-        check_resume_compatible(read_checkpoint_state(checkpoint)["config"], self.cfg.to_dict(), checkpoint)
-
     def _make_accelerator(self):
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, set_seed
-
-        log_with = "tensorboard" if _has_tensorboard() else None
-        _reset_single_process_state()
-        accelerator = Accelerator(
-            mixed_precision=self.cfg.mixed_precision,
-            gradient_accumulation_steps=self.cfg.gradient_accumulation,
-            log_with=log_with,
-            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
-        )
-        set_seed(self.cfg.seed)
-        if accelerator.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if log_with:
-                accelerator.init_trackers("lora-dreambooth", config=_flat_scalars(self.cfg.to_dict()))
-        return accelerator
+        return make_accelerator(self.cfg, self.out)
 
     def _adapt_to_base(self) -> None:
-        """Warn about subject tokens the tokenizer splits or knows well; apply --prediction-type; SNR table."""
+        """Warn about subject tokens the tokenizer splits or knows well; apply --prediction-type."""
         if self.accelerator.is_main_process:
             check_tokens(self.base.tokenizer, [s.token for s in self.subjects])
         scheduler = self.base.noise_scheduler
@@ -152,129 +114,43 @@ class DreamBoothRecipe:
             log.warning("--prediction-type %s differs from the base scheduler's %s: generate with a scheduler "
                         "configured for %s", wanted, native, wanted)
             scheduler.register_to_config(prediction_type=wanted)
-        self.snr = snr_table(scheduler, self.device) if self.cfg.snr_gamma else None
 
     def _prepare_class_images(self) -> list:
         """Class images of every class prompt (subjects of one class share them), generated where missing."""
         examples = []
         for prompt, class_dir in class_image_sets(self.subjects):
-            examples += self._class_images(prompt, class_dir)
+            examples += prepare_class_images(self.base, self.accelerator, self.cfg, prompt=prompt,
+                                             class_dir=class_dir, device=self.device, weight_dtype=self.weight_dtype,
+                                             offload_after=bool(self.plan.quantize))
         return examples
 
-    def _class_images(self, prompt: str, class_dir: str | None) -> list:
-        """Generate the missing class images of `prompt` with the frozen base (split across ranks), then load them."""
-        cfg, acc = self.cfg, self.accelerator
-        folder = Path(class_dir) if class_dir else default_class_dir(cfg.base, prompt, cfg.resolution)
-        check_manifest(folder, prompt=prompt)
-        acc.wait_for_everyone()
-        plan = plan_class_images(folder, cfg.num_class_images, rank=acc.process_index, world_size=acc.num_processes)
-        acc.wait_for_everyone()  # all ranks have listed the folder before any of them writes into it
-        if plan.missing_indices or plan.existing < cfg.num_class_images:
-            log.info("class images: %d in '%s', generating %d on this process", plan.existing, folder,
-                     len(plan.missing_indices))
-        if plan.missing_indices:  # the frozen models reach the device only when there is something to generate
-            self.base.unet.to(self.device, self.weight_dtype)
-            self.base.text_encoder.to(self.device, self.weight_dtype)
-            self.base.vae.to(self.device, torch.float32)  # never rounded: the same VAE then encodes the latents
-            generate_class_images(self.base.pipeline, plan, prompt=prompt,
-                                  resolution=cfg.resolution, steps=cfg.class_inference_steps, seed=cfg.seed * 7919 + 1)
-            if self.plan.quantize:  # low-memory quantizes from the CPU copy, layer by layer
-                for model in (self.base.unet, self.base.text_encoder, self.base.vae):
-                    model.to("cpu")
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            write_manifest(folder, base=cfg.base, prompt=prompt, resolution=cfg.resolution,
-                           seed=cfg.seed, steps=cfg.class_inference_steps)
-        examples = load_examples(folder, prompt, cfg.resolution, what="class image folder",
-                                 skip_bad=True)
-        return examples[: max(cfg.num_class_images, 1)]
-
-    def _cache_latents(self) -> None:
-        """Encode every image once with an fp32 VAE (per bucket with --buckets); the VAE then leaves the device."""
-        cfg, acc = self.cfg, self.accelerator
-        vae = self.base.vae.to(self.device, torch.float32)
-        vae.use_slicing = self.plan.profile != "plain"  # one image at a time: same latents, a 512 px batch of 8
-        #                                                  peaks at 6.3 GiB, one image at under 1 GiB
-        self.class_latents = None
-        if cfg.buckets:
-            self._cache_bucket_latents(vae)
-        else:
-            shard = Shard(acc.process_index, acc.num_processes, acc.gather) if acc.num_processes > 1 else None
-            self.instance_latents = LatentCache(vae, self.instance, cfg.resolution, flip=cfg.flip, seed=cfg.seed,
-                                                device=self.device, shard=shard)
-            if self.class_examples:
-                self.class_latents = LatentCache(vae, self.class_examples, cfg.resolution, flip=cfg.flip,
-                                                 seed=cfg.seed + 1, device=self.device, shard=shard)
-            self.instance_sampler = EpochSampler(len(self.instance), cfg.batch_size, cfg.seed, cfg.flip,
-                                                 acc.process_index, acc.num_processes)
-        if self.class_examples:
-            self.class_sampler = EpochSampler(len(self.class_examples), cfg.batch_size, cfg.seed + 1, cfg.flip,
-                                              acc.process_index, acc.num_processes)
-        self.instance_masks = None
-        if cfg.masked_loss:
-            sizes = self.instance_buckets if cfg.buckets else [(cfg.resolution, cfg.resolution)] * len(self.instance)
-            self.instance_masks = MaskCache(self.instance, sizes, vae_factor(vae), self.device)
-        self.base.vae.to("cpu")
-
-    def _cache_bucket_latents(self, vae: torch.nn.Module) -> None:
-        """--buckets: each photo at its aspect-ratio bucket, class images at every bucket in use; bucket batches."""
-        cfg, acc = self.cfg, self.accelerator
-        sizes = bucket_sizes(cfg.resolution, bucket_step(vae, self.base.unet))
-        self.instance_buckets = assign_buckets(self.instance, sizes)
-        used = sorted(set(self.instance_buckets))
-        log.info("buckets (width x height: photos): %s",
-                 ", ".join(f"{w}x{h}: {self.instance_buckets.count((w, h))}" for w, h in used))
-        self.instance_latents = BucketLatentCache(vae, self.instance, [[b] for b in self.instance_buckets],
-                                                  flip=cfg.flip, seed=cfg.seed, device=self.device)
-        if self.class_examples:
-            self.class_latents = BucketLatentCache(vae, self.class_examples, [used] * len(self.class_examples),
-                                                   flip=cfg.flip, seed=cfg.seed + 1, device=self.device)
-        self.instance_sampler = BucketSampler(self.instance_buckets, cfg.batch_size, cfg.seed, cfg.flip,
-                                              acc.process_index, acc.num_processes)
-
-
     def _prepare_text(self) -> None:
-        """Tokenize every prompt (captions, instance and class prompts) once, as rows of one table; with a frozen
-        text encoder also cache its hidden states (and for --prior-mode model, the base's states in any case)."""
-        tokenizer = self.base.tokenizer
-        class_prompts = [s.class_prompt for s in self.subjects] if self.use_prior else []
-        prompts = sorted({e.prompt for e in self.instance} | {s.instance_prompt for s in self.subjects}
-                         | set(class_prompts))
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(self.device)
-        self.prompts, self.prompt_ids = prompts, ids
-        self.prompt_row = {p: i for i, p in enumerate(prompts)}
-
-        def rows(texts: list[str]) -> torch.Tensor:
-            return torch.tensor([self.prompt_row[t] for t in texts], dtype=torch.long, device=self.device)
-
-        self.instance_rows = rows([e.prompt for e in self.instance])
-        self.fallback_rows = rows([self.subjects[e.subject].instance_prompt for e in self.instance])  # caption dropout
-        self.instance_subjects = torch.tensor([e.subject for e in self.instance], device=self.device)
-        self.class_rows = rows([e.prompt for e in self.class_examples])
-        self.subject_class_rows = rows(class_prompts)
-        self.class_row = self.prompt_row.get(self.subjects[0].class_prompt, 0)
+        """Tokenize every prompt once; with a frozen text encoder also cache its hidden states (and for
+        --prior-mode model, the base's states in any case)."""
+        class_prompts = {s.class_prompt for s in self.subjects} if self.use_prior else set()
+        self.prompts = PromptTable.build(
+            self.base.tokenizer, {e.prompt for e in self.instance} | {s.instance_prompt for s in self.subjects}
+            | class_prompts | {e.prompt for e in self.class_examples}, self.device)
         self.cached_text = self.base_text = None
         if not self.cfg.train_text_encoder or self.model_prior:
             te = self.base.text_encoder.to(self.device, self.weight_dtype)
-            with torch.no_grad():
-                self.base_text = te(ids)[0].to(self.weight_dtype)
+            self.base_text = self.prompts.encode(te, self.weight_dtype)
             if not self.cfg.train_text_encoder:
                 self.cached_text = self.base_text
                 te.to("cpu")
 
-
-    def _choose_plan(self) -> ExecutionPlan:
-        """Resolve --profile / --max-vram into what runs (CUDA graph, NF4 base, checkpointing) and say why."""
-        cfg = self.cfg
-        unet = footprint(self.base.unet, cfg.unet_target_modules, cfg.rank)
-        te = (footprint(self.base.text_encoder, cfg.text_encoder_target_modules, cfg.rank)
-              if cfg.train_text_encoder else None)
-        plan = choose_plan(cfg, device=self.device, num_processes=self.accelerator.num_processes, unet=unet,
-                           text_encoder=te, free_bytes=device_free_bytes(self.device))
-        if self.accelerator.is_main_process:
-            log.info(plan.describe())
-        return plan
+    def _cache_latents(self) -> None:
+        """Encode every image once with an fp32 VAE; the VAE then leaves the device."""
+        acc = self.accelerator
+        place = Placement(self.device, acc.process_index, acc.num_processes, acc.gather)
+        self.batches = MicroBatches(self.cfg, self.instance, self.class_examples, self.subjects, self.prompts, place,
+                                    use_prior=self.use_prior, model_prior=self.model_prior,
+                                    num_train_timesteps=self.base.noise_scheduler.config.num_train_timesteps)
+        vae = self.base.vae.to(self.device, torch.float32)
+        vae.use_slicing = self.plan.profile != "plain"  # one image at a time: same latents, a 512 px batch of 8
+        #                                                  peaks at 6.3 GiB, one image at under 1 GiB
+        self.batches.cache_latents(vae, self.base.unet)
+        self.base.vae.to("cpu")
 
     def _inject_adapters(self) -> None:
         cfg, plan = self.cfg, self.plan
@@ -320,6 +196,10 @@ class DreamBoothRecipe:
         self.text_encoder = prepared[1] if cfg.train_text_encoder else None
         self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
         self.params = [p for group in groups for p in group["params"]]
+        self.objective = DreamBoothObjective(
+            self.base.noise_scheduler, acc.unwrap_model(self.unet), batch_size=cfg.batch_size, prior_weight=cfg.prior_weight,
+            snr_gamma=cfg.snr_gamma, model_prior=self.model_prior, base_text=self.base_text,
+            weight_dtype=self.weight_dtype, device=self.device, autocast=acc.autocast)
 
     def _maybe_resume(self) -> None:
         if not self.cfg.resume:
@@ -348,11 +228,12 @@ class DreamBoothRecipe:
     def train(self) -> TrainResult:
         """Run optimizer steps from `start_step` to `total_steps`, checkpointing and logging on the way."""
         cfg, acc = self.cfg, self.accelerator
-        bar = _progress(self.total_steps, self.start_step, disabled=not acc.is_main_process)
+        bar = progress_bar(self.total_steps, self.start_step, disabled=not acc.is_main_process)
         loss_sum = torch.zeros((), device=self.device)
         first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
-        last_loss, window_start, step = None, time.perf_counter(), self.start_step
-        with _stop_on_signals(self), bar:  # the bar closes (ends its line) before any error is printed
+        last_loss, window_start = None, time.perf_counter()
+        signals = StopOnSignals(self._request_stop, lambda: self.stop_requested)
+        with signals, bar:  # the bar closes (ends its line) before any error is printed
             for step in range(self.start_step, self.total_steps):
                 for micro in range(cfg.gradient_accumulation):
                     loss = self._micro_step(step * cfg.gradient_accumulation + micro)
@@ -373,45 +254,21 @@ class DreamBoothRecipe:
                     self._checkpoint(done, first_bad)
                     bar.close()
                     return TrainResult(None, done, self.total_steps, last_loss, interrupted=True,
-                                       skipped_steps=self._report_skipped(done))
+                                       skipped_steps=warn_skipped_steps(self.skipped_steps, done - self.start_step))
         bar.close()
         return TrainResult(None, self.total_steps, self.total_steps, last_loss,
-                           skipped_steps=self._report_skipped(self.total_steps))
+                           skipped_steps=warn_skipped_steps(self.skipped_steps, self.total_steps - self.start_step))
 
-    def _checkpoint(self, done: int, first_bad: torch.Tensor) -> None:
-        """Save a resumable checkpoint, but never one taken after the loss went NaN/inf."""
-        self._raise_if_diverged(first_bad)
-        save_checkpoint(self.accelerator, self.out, done, self.cfg.to_dict(), self.cfg.checkpoints_total_limit)
-
-    def _raise_if_diverged(self, first_bad: torch.Tensor) -> None:
-        """NaN/inf guard (one sync): stop with the step, the likely cause and the fix."""
-        bad = int(self.accelerator.reduce(first_bad.clone(), "max"))
-        if bad < 0:
-            return
-        cfg = self.cfg
-        kept = latest_checkpoint(self.out)
-        advice = (f"use --mixed-precision bf16 (fp16 overflows) or no, or a lower --lr (now {cfg.lr:g})"
-                  if cfg.mixed_precision == "fp16" else f"lower --lr (now {cfg.lr:g}; 1e-4 is the usual value)")
-        if cfg.max_grad_norm <= 0:
-            advice += ", and keep --max-grad-norm 1.0"
-        raise TrainingDiverged(
-            f"loss became NaN/inf at step {bad + 1}; no adapter was written"
-            + (f" (last good checkpoint kept: {kept})" if kept else "") + f". To fix: {advice}, and run again")
-
-    def _report_skipped(self, steps: int) -> int:
-        if self.skipped_steps:
-            log.warning("fp16 loss scaling skipped %d of %d optimizer steps (gradients overflowed); a few at the "
-                        "start are normal, many mean the run is unstable: try --mixed-precision bf16",
-                        self.skipped_steps, steps - self.start_step)
-        return self.skipped_steps
+    def _request_stop(self) -> None:
+        self.stop_requested = True
 
     def _micro_step(self, micro_index: int) -> torch.Tensor:
         """One micro-batch: its data and noise, the training step (eager or graph-replayed), the schedule."""
         acc = self.accelerator
         with acc.accumulate(*[m for m in (self.unet, self.text_encoder) if m is not None]):
-            latents, rows = self._batch(micro_index)
-            noise, timesteps = self._noise(latents, micro_index)
-            loss = self.step_runner(latents, noise, timesteps, rows, *self._loss_masks(micro_index))
+            latents, rows = self.batches.batch(micro_index)
+            noise, timesteps = self.batches.noise(latents, micro_index)
+            loss = self.step_runner(latents, noise, timesteps, rows, *self.batches.masks(micro_index))
             if acc.sync_gradients and acc.optimizer_step_was_skipped:  # only ever true with fp16 loss scaling
                 self.skipped_steps += 1
             self.lr_scheduler.step()
@@ -428,102 +285,16 @@ class DreamBoothRecipe:
         acc = self.accelerator
         noisy = self.base.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.text_encoder is not None:
-            hidden = self.text_encoder(self.prompt_ids[rows])[0]
+            hidden = self.text_encoder(self.prompts.ids[rows])[0]
         else:
             hidden = self.cached_text[rows]
         prediction = self.unet(noisy.to(self.weight_dtype), timesteps, hidden).sample
-        loss = self._loss(prediction, latents, noise, noisy, timesteps, rows, mask)
+        loss = self.objective(prediction, latents, noise, noisy, timesteps, rows, mask)
         acc.backward(loss)
         if acc.sync_gradients and self.cfg.max_grad_norm > 0:
             acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
         return loss
-
-    def _batch(self, micro_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents and prompt rows of this rank's micro-batch: instance images first, then class images."""
-        idx, flips = self.instance_sampler.indices(micro_index)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("rank %d micro-batch %d instance images %s", self.accelerator.process_index, micro_index,
-                      idx.tolist())
-        latents = self.instance_latents.batch(idx, flips)
-        rows = self.instance_rows[idx.to(self.device)]
-        if self.cfg.caption_dropout > 0:
-            acc = self.accelerator
-            drop = dropout_mask(self.cfg.seed, micro_index, len(idx), self.cfg.caption_dropout,
-                                rank=acc.process_index, world_size=acc.num_processes)
-            rows = torch.where(drop.to(self.device), self.fallback_rows[idx.to(self.device)], rows)
-        if self.use_prior:
-            prior_latents, prior_rows = self._prior_batch(micro_index, idx, latents)
-            latents, rows = torch.cat([latents, prior_latents]), torch.cat([rows, prior_rows])
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("micro-batch %d prompts %s", micro_index, [self.prompts[int(r)] for r in rows])
-        return latents, rows
-
-    def _prior_batch(self, micro_index: int, idx: torch.Tensor, latents: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prior's rows: class images with their class prompt, or (--prior-mode model) the instance latents
-        again with their subject's class prompt, for which the frozen base predicts the target."""
-        if self.model_prior:
-            return latents, self.subject_class_rows[self.instance_subjects[idx.to(self.device)]]
-        cidx, cflips = self.class_sampler.indices(micro_index)
-        if self.cfg.buckets:
-            class_latents = self.class_latents.batch(cidx, cflips, self.instance_latents.size_of(int(idx[0])))
-        else:
-            class_latents = self.class_latents.batch(cidx, cflips)
-        return class_latents, self.class_rows[cidx.to(self.device)]
-
-    def _loss_masks(self, micro_index: int) -> tuple[torch.Tensor, ...]:
-        """(mask,) of the micro-batch with --masked-loss (prior rows count everywhere), else ()."""
-        if self.instance_masks is None:
-            return ()
-        mask = self.instance_masks.batch(*self.instance_sampler.indices(micro_index))
-        return (torch.cat([mask, torch.ones_like(mask)]) if self.use_prior else mask,)
-
-    def _loss(self, prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, noisy: torch.Tensor,
-              timesteps: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The DreamBooth loss, with the base's own prediction as the prior target (--prior-mode model), loss
-        masks (--masked-loss) and min-SNR weights (--snr-gamma)."""
-        cfg, scheduler, n = self.cfg, self.base.noise_scheduler, self.cfg.batch_size
-        target = denoising_target(scheduler, latents, noise, timesteps)
-        if self.model_prior:
-            prior_target = self._base_prediction(noisy[n:], timesteps[n:], rows[n:])
-            target = torch.cat([target[:n], prior_target.to(target.dtype)])
-        weights = None
-        if self.snr is not None:
-            weights = min_snr_weights(self.snr[timesteps], cfg.snr_gamma, scheduler.config.prediction_type)
-        loss, _, _ = dreambooth_loss(prediction, target, n, cfg.prior_weight, weights=weights, mask=mask)
-        return loss
-
-    @torch.no_grad()
-    def _base_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The frozen base's prediction (adapters off, adapter-free text states) on the prior rows."""
-        unet = self.accelerator.unwrap_model(self.unet)
-        unet.disable_adapters()
-        try:
-            with self.accelerator.autocast():
-                return unet(noisy.to(self.weight_dtype), timesteps, self.base_text[rows]).sample
-        finally:
-            unet.enable_adapters()  # also restores requires_grad on the adapter weights
-
-    def _noise(self, latents: torch.Tensor, micro_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise and timesteps of this rank's rows, cut from draws for the whole global batch.
-
-        The generator is seeded by (seed, micro-batch) only, so N processes with batch B see exactly the noise of
-        one process with batch N*B, and a resumed run sees the noise of an uninterrupted one.
-        """
-        acc, rows = self.accelerator, latents.shape[0]
-        groups = 2 if self.use_prior else 1
-        per_group, world, rank = rows // groups, acc.num_processes, acc.process_index
-        g = torch.Generator(device=latents.device)
-        g.manual_seed(self.cfg.seed * 1_000_003 + micro_index)
-        shape = (groups, world, per_group, *latents.shape[1:])
-        noise = torch.randn(shape, generator=g, device=latents.device, dtype=latents.dtype)[:, rank].flatten(0, 1)
-        num_train = self.base.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, num_train, (groups, world, per_group), generator=g, device=latents.device)
-        if self.cfg.noise_offset:  # drawn after the timesteps: runs without an offset keep their noise
-            offset = torch.randn((*shape[:4], 1, 1), generator=g, device=latents.device, dtype=latents.dtype)
-            noise = add_noise_offset(noise, offset[:, rank].flatten(0, 1), self.cfg.noise_offset)
-        return noise, timesteps[:, rank].flatten()
 
     def _report(self, loss_sum: torch.Tensor, first_bad: torch.Tensor, done: int, bar: Any, since: float) -> float:
         """Sync once per logging window: mean loss, NaN guard, TensorBoard, progress bar postfix."""
@@ -536,36 +307,16 @@ class DreamBoothRecipe:
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", its=f"{rate:.2f}")
         return loss
 
-    # -- save -------------------------------------------------------------------------------------------------
-    def save(self, result: TrainResult) -> TrainResult:
-        """Write the adapter (diffusers layout + metadata), `train_config.toml`, and optional sample images."""
-        acc, cfg = self.accelerator, self.cfg
-        acc.wait_for_everyone()
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("rank %d adapter sha256 %s", acc.process_index, _params_digest(self.params))
-        if acc.is_main_process:
-            unet = acc.unwrap_model(self.unet)
-            te = acc.unwrap_model(self.text_encoder) if self.text_encoder is not None else None
-            result.adapter_path = save_adapter(self.out, unet, te, summary=self.summary(result.steps_done),
-                                               save_dtype=cfg.save_dtype)
-            write_text_atomic(self.out / "train_config.toml", cfg.to_toml())
-            if cfg.sample_prompts:
-                self._write_samples()
-            finish_adapter_folder(result.adapter_path, self.summary(result.steps_done), export=cfg.export)
-        acc.end_training()
-        return result
+    def _checkpoint(self, done: int, first_bad: torch.Tensor) -> None:
+        """Save a resumable checkpoint, but never one taken after the loss went NaN/inf."""
+        self._raise_if_diverged(first_bad)
+        save_checkpoint(self.accelerator, self.out, done, self.cfg.to_dict(), self.cfg.checkpoints_total_limit)
 
-    def summary(self, steps_done: int) -> dict[str, Any]:
-        """Our metadata block: what a user (or the app) needs to know about this adapter."""
-        cfg = self.cfg
-        return {
-            "token": cfg.token, "class_noun": cfg.class_noun, "instance_prompt": cfg.effective_instance_prompt,
-            "class_prompt": cfg.effective_class_prompt, "base_model": cfg.base, "variant": cfg.variant,
-            "rank": cfg.rank, "alpha": cfg.alpha, "steps": steps_done, "resolution": cfg.resolution,
-            "train_text_encoder": cfg.train_text_encoder, "num_instance_images": len(self.instance),
-            "subjects": subjects_summary(self.subjects, self.instance),
-            "package": "lora-dreambooth", "version": __version__, "config": cfg.to_dict(),
-        }
+    def _raise_if_diverged(self, first_bad: torch.Tensor) -> None:
+        """NaN/inf guard (one sync): stop with the step, the likely cause and the fix."""
+        bad = int(self.accelerator.reduce(first_bad.clone(), "max"))
+        if bad >= 0:
+            raise divergence_error(self.cfg, bad, latest_checkpoint(self.out))
 
     def _validate(self, done: int) -> None:
         cfg, first = self.cfg, self.subjects[0]
@@ -574,20 +325,36 @@ class DreamBoothRecipe:
                               inference_steps=cfg.validation_inference_steps, device=self.device,
                               accelerator=self.accelerator)
 
-    def _write_samples(self) -> None:
-        from lora_dreambooth.files.grids import save_sample_grid
+    # -- save -------------------------------------------------------------------------------------------------
+    def save(self, result: TrainResult) -> TrainResult:
+        """Write the adapter (diffusers layout + metadata), `train_config.toml`, and optional sample images."""
+        acc, cfg = self.accelerator, self.cfg
+        acc.wait_for_everyone()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("rank %d adapter sha256 %s", acc.process_index, params_digest(self.params))
+        if acc.is_main_process:
+            unet = acc.unwrap_model(self.unet)
+            te = acc.unwrap_model(self.text_encoder) if self.text_encoder is not None else None
+            result.adapter_path = save_adapter(self.out, unet, te, summary=self.summary(result.steps_done),
+                                               save_dtype=cfg.save_dtype)
+            write_text_atomic(self.out / "train_config.toml", cfg.to_toml())
+            if cfg.sample_prompts:
+                write_sample_images(self.base, list(cfg.sample_prompts), self.out / "samples.png", device=self.device,
+                                    seed=cfg.seed, size=cfg.resolution)
+            finish_adapter_folder(result.adapter_path, self.summary(result.steps_done), export=cfg.export)
+        acc.end_training()
+        return result
 
-        pipe = self.base.pipeline()
-        pipe.vae.to(self.device, torch.float32)
-        save_sample_grid(pipe, list(self.cfg.sample_prompts), self.out / "samples.png", seed=self.cfg.seed,
-                         size=self.cfg.resolution)
-        pipe.vae.to("cpu")
+    def summary(self, steps_done: int) -> dict[str, Any]:
+        """Our metadata block: what a user (or the app) needs to know about this adapter."""
+        return adapter_summary(self.cfg, steps=steps_done, num_instance_images=len(self.instance),
+                               subjects=subjects_summary(self.subjects, self.instance), version=__version__)
 
 
 def train(config: TrainConfig) -> TrainResult:
     """Run a whole training job (the Python API behind `lora-dreambooth train`)."""
     if config.separate_adapters:
-        return train_each_subject(config, train)
+        return train_each_subject(config)
     recipe = DreamBoothRecipe(config)
     recipe.setup()
     result = recipe.train()
@@ -597,90 +364,11 @@ def train(config: TrainConfig) -> TrainResult:
     return recipe.save(result)
 
 
-# -- small helpers the recipe uses -------------------------------------------------------------------------------
-def _has_tensorboard() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def auto_mixed_precision() -> str:
-    """bf16 where the GPU supports it, fp16 on older GPUs (e.g. T4), no (fp32) on CPU."""
-    import os
-
-    if not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def _params_digest(params: list[torch.Tensor]) -> str:
-    """A checksum of the adapter weights (lets a multi-process test see that ranks hold identical adapters)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for p in params:
-        digest.update(p.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _reset_single_process_state() -> None:
-    """Let one Python process run several trainings (tests, the synthetic benchmark, notebooks).
-
-    accelerate keeps a process-wide singleton that refuses a second, different `mixed_precision`; outside a
-    multi-process launch nothing else shares it, so it is safe to start afresh.
-    """
-    import os
-
-    from accelerate.state import AcceleratorState
-
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and AcceleratorState._shared_state:
-        AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def _flat_scalars(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in values.items()}
-
-
-def _progress(total: int, initial: int, *, disabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=disabled, dynamic_ncols=True)
-
-
-class _stop_on_signals:
-    """SIGINT/SIGTERM set `recipe.stop_requested`: the loop checkpoints and returns instead of dying mid-write."""
-
-    def __init__(self, recipe: DreamBoothRecipe):
-        self.recipe = recipe
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self):
-        def handler(signum, frame):
-            if self.recipe.stop_requested:  # second Ctrl-C: give up immediately
-                raise KeyboardInterrupt
-            self.recipe.stop_requested = True
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not in the main thread
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self.previous.items():
-            signal.signal(sig, old)
-        return False
-
-
-def train_each_subject(config: TrainConfig, run_one: Callable[[TrainConfig], Any]) -> Any:
-    """Train one adapter per subject with `run_one` (the ordinary `train`); returns the last run's result with
-    `adapter_paths` listing every subject's adapter. With --resume, finished subjects are skipped."""
-
+def train_each_subject(config: TrainConfig) -> TrainResult:
+    """--separate-adapters: one adapter per subject, each an ordinary run into `OUT/<name>/`; returns the last run's
+    result with `adapter_paths` listing every subject's adapter. With --resume, finished subjects are skipped."""
     paths: list[Path] = []
-    result: Any = None
+    result = TrainResult(None, 0, 0, None)
     for sub in subject_run_configs(config):
         finished = Path(sub.output_dir) / ADAPTER_FILENAME
         if config.resume and finished.exists():
@@ -688,12 +376,10 @@ def train_each_subject(config: TrainConfig, run_one: Callable[[TrainConfig], Any
             paths.append(finished)
             continue
         log.info("subject '%s': training its own adapter into '%s'", sub.subjects[0].label, sub.output_dir)
-        result = run_one(sub)
+        result = train(sub)
         if result.interrupted:
             return result
         if result.adapter_path is not None:
             paths.append(Path(result.adapter_path))
     write_text_atomic(Path(config.output_dir) / "train_config.toml", config.to_toml())
-    if result is None:
-        result = TrainResult(None, 0, 0, None)
     return dataclasses.replace(result, adapter_path=paths[0] if paths else None, adapter_paths=paths)

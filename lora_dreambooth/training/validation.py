@@ -80,3 +80,12 @@ def _log_to_tensorboard(accelerator: Any, path: Path, step: int) -> None:
             with Image.open(path) as grid:
                 tracker.writer.add_image("validation", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
             tracker.writer.flush()
+
+
+def write_sample_images(base: Any, prompts: list[str], path: Path, *, device: torch.device | str, seed: int,
+                        size: int) -> None:
+    """`--sample-prompts`: one grid of the finished adapter's pictures beside the adapter (the VAE in fp32)."""
+    pipe = base.pipeline()
+    pipe.vae.to(device, torch.float32)
+    save_sample_grid(pipe, prompts, path, seed=seed, size=size)
+    pipe.vae.to("cpu")
