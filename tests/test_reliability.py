@@ -224,3 +224,33 @@ def test_resume_without_checkpoints_and_fresh_run_over_old_checkpoints_warn(tmp_
     run = cli_in_process(capsys, *base_cmd, "--overwrite")
     assert run.returncode == 0
     assert "holds checkpoints of an earlier run (latest: checkpoint-1)" in run.stderr
+
+
+def test_a_checkpoint_written_before_the_restructuring_resumes_to_the_same_adapter(tmp_path, tiny_base, dog_dir,
+                                                                                   caplog):
+    """tests/data/checkpoint-0.1.0 was written by the package before its modules moved into stage folders
+    (commit 151febd): 8 steps on the tiny base (seed 0) with the bundled dog photos and 2 class images,
+    checkpointed at step 4, and the adapter that run finished with. Resuming it today finishes the same adapter."""
+    import json
+    import logging
+    import shutil
+
+    data = Path(__file__).parent / "data" / "checkpoint-0.1.0"
+    out = tmp_path / "out"
+    shutil.copytree(data / "checkpoints", out / "checkpoints")
+    state_file = out / "checkpoints" / "checkpoint-4" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["base"] = str(tiny_base)  # the same tiny base, built where this test keeps it
+    state_file.write_text(json.dumps(state))
+    config = TrainConfig(instance_dir=str(dog_dir), base=str(tiny_base), token="sks", class_noun="dog",
+                         output_dir=str(out), class_dir=str(data / "class-images"), resolution=32, steps=8,
+                         checkpoint_every=4, num_class_images=2, class_inference_steps=2, lr=1e-3, save_dtype="fp32",
+                         log_every=2, seed=3, resume=True)
+    with caplog.at_level(logging.INFO, logger="lora_dreambooth.training.recipe"):
+        result = train(config)
+    assert result.steps_done == 8 and not result.interrupted
+    assert any("resumed from" in r.getMessage() and r.getMessage().endswith("at step 4") for r in caplog.records)
+    resumed, finished = load_file(str(result.adapter_path)), load_file(str(data / "finished_adapter.safetensors"))
+    assert resumed.keys() == finished.keys()
+    for key, tensor in finished.items():
+        torch.testing.assert_close(resumed[key], tensor, rtol=0, atol=0 if not torch.cuda.is_available() else 1e-4)
