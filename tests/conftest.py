@@ -13,6 +13,26 @@ from lora_dreambooth.demo import example_photos
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Test files whose expensive fixtures are shared run on one xdist worker together (`--dist loadgroup`); every other
+# file is a group of its own, so a module-scoped fixture is never built twice on two workers.
+SHARED_FIXTURES = {"test_variants": "variants", "test_kohya": "variants",  # trained variant adapters
+                   "test_inference": "subjects", "test_app": "subjects", "test_browser": "subjects"}  # library
+# The longest groups start first, so that no worker is left with a long group at the end.
+LONG_GROUPS = ("test_synthetic", "test_scaleout", "test_reliability", "subjects", "test_train")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Group every test by the fixtures it shares (see SHARED_FIXTURES) and start the longest groups first."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        item.add_marker(pytest.mark.xdist_group(SHARED_FIXTURES.get(module, module)))
+
+    def rank(item) -> int:
+        group = SHARED_FIXTURES.get(item.module.__name__.rsplit(".", 1)[-1], item.module.__name__.rsplit(".", 1)[-1])
+        return LONG_GROUPS.index(group) if group in LONG_GROUPS else len(LONG_GROUPS)
+
+    items.sort(key=rank)
+
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from lora_dreambooth.files.metadata import ADAPTER_FILENAME
 
-from .conftest import small_train_args
+from .conftest import cli_in_process, small_train_args
 
 
 def _free_port() -> int:
@@ -22,17 +22,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(num_processes: int, *args: str) -> subprocess.CompletedProcess:
-    """`accelerate launch` the real CLI. `--cpu --num_processes 2` silently runs ONE process, hence --multi_gpu."""
+def _launch_two_ranks(*args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` the real CLI on 2 CPU ranks. `--cpu --num_processes 2` silently runs ONE process, hence
+    --multi_gpu with ACCELERATE_USE_CPU."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1"}
-    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
-    if num_processes > 1:
-        launcher += ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
-                     "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port())]
-    else:
-        launcher += ["--num_processes", "1", "--cpu"]
-    launcher += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lora_dreambooth", "-v", *args]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lora_dreambooth", "-v", *args]
     return subprocess.run(launcher, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -41,7 +38,7 @@ def two_rank_run(tmp_path_factory, tiny_base, dog_dir):
     root = tmp_path_factory.mktemp("ddp")
     args = small_train_args(dog_dir, tiny_base, root / "ddp", "--steps", "4", "--num-class-images", "4",
                             "--class-dir", str(root / "class"), "--checkpoint-every", "2")
-    proc = _launch(2, *args)
+    proc = _launch_two_ranks(*args)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root, proc
 
@@ -66,11 +63,11 @@ def test_two_ranks_train_one_adapter(two_rank_run):
     assert len(re.findall(r"generating 2 on this process", log)) == 2
 
 
-def test_two_ranks_match_one_process_with_same_effective_batch(two_rank_run, tiny_base, dog_dir):
+def test_two_ranks_match_one_process_with_same_effective_batch(two_rank_run, tiny_base, dog_dir, capsys):
     root, _ = two_rank_run
     args = small_train_args(dog_dir, tiny_base, root / "single", "--steps", "4", "--num-class-images", "4",
                             "--class-dir", str(root / "class"), "--batch-size", "2")
-    proc = _launch(1, *args)
+    proc = cli_in_process(capsys, *args)  # one process: this one
     assert proc.returncode == 0, proc.stderr[-4000:]
     ddp, single = load_file(str(root / "ddp" / ADAPTER_FILENAME)), load_file(str(root / "single" / ADAPTER_FILENAME))
     assert ddp.keys() == single.keys()
@@ -78,7 +75,7 @@ def test_two_ranks_match_one_process_with_same_effective_batch(two_rank_run, tin
         torch.testing.assert_close(ddp[key], single[key], atol=1e-5, rtol=1e-4)
 
 
-def test_checkpoint_of_two_ranks_resumes_on_one(two_rank_run, tiny_base, dog_dir):
+def test_checkpoint_of_two_ranks_resumes_on_one(two_rank_run, tiny_base, dog_dir, capsys):
     root, _ = two_rank_run
     resumed = root / "resumed"
     import shutil
@@ -86,7 +83,7 @@ def test_checkpoint_of_two_ranks_resumes_on_one(two_rank_run, tiny_base, dog_dir
     shutil.copytree(root / "ddp" / "checkpoints", resumed / "checkpoints")
     args = small_train_args(dog_dir, tiny_base, resumed, "--steps", "4", "--num-class-images", "4",
                             "--class-dir", str(root / "class"), "--checkpoint-every", "2", "--resume")
-    proc = _launch(1, *args)
+    proc = cli_in_process(capsys, *args)  # one process: this one
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stderr and "at step 2" in proc.stderr
     assert (resumed / ADAPTER_FILENAME).is_file()

@@ -14,7 +14,7 @@ from lora_dreambooth import TrainConfig
 from lora_dreambooth.files.metadata import ADAPTER_FILENAME, read_file_metadata, read_summary
 from lora_dreambooth.training.recipe import DreamBoothRecipe
 
-from .conftest import run_cli, small_train_args
+from .conftest import cli_in_process, run_cli, small_train_args
 
 
 def _config(instance_dir, base, out, **overrides) -> TrainConfig:
@@ -176,29 +176,30 @@ def test_fp16_on_cpu_is_a_clear_error(tmp_path, tiny_base, dog_dir):
     assert not (tmp_path / "o" / ADAPTER_FILENAME).exists()
 
 
-def test_toml_config_and_flag_override(tmp_path, tiny_base, dog_dir):
+def test_toml_config_and_flag_override(tmp_path, tiny_base, dog_dir, capsys):
+    """--config and flags through the real entry point (in this process: option parsing needs no fresh one)."""
     config = tmp_path / "run.toml"
     config.write_text(
         f'instance_dir = "{dog_dir}"\nbase = "{tiny_base}"\ntoken = "zwx"\nclass_noun = "dog"\n'
         f'output_dir = "{tmp_path / "o"}"\nresolution = 32\nsteps = 2\nrank = 2\nprior = false\n'
         f'no_such_option = 1\n')
-    proc = run_cli("train", "--config", config)
+    proc = cli_in_process(capsys, "train", "--config", config)
     assert proc.returncode == 2 and "unknown option(s) no_such_option" in proc.stderr
     config.write_text(config.read_text().replace("no_such_option = 1\n", ""))
-    proc = run_cli("train", "--config", config, "--rank", "3", "--save-dtype", "fp32")
+    proc = cli_in_process(capsys, "train", "--config", config, "--rank", "3", "--save-dtype", "fp32")
     assert proc.returncode == 0, proc.stderr[-2000:]
     saved = tomllib.loads((tmp_path / "o" / "train_config.toml").read_text())
     assert saved["rank"] == 3 and saved["token"] == "zwx" and saved["prior"] is False and saved["steps"] == 2
     assert read_summary(tmp_path / "o" / ADAPTER_FILENAME)["rank"] == 3
 
 
-def test_repeatable_options_keep_whole_values(tmp_path, tiny_base, dog_dir):
+def test_repeatable_options_keep_whole_values(tmp_path, tiny_base, dog_dir, capsys):
     """List options given on the command line (`--unet-target-modules A --unet-target-modules B`, `--export kohya`)
     arrive as whole names, in the saved config and in the adapter's layers, and a lone TOML string is one item."""
     out = tmp_path / "o"
-    proc = run_cli(*small_train_args(dog_dir, tiny_base, out, "--no-prior", "--steps", "2",
-                                     "--unet-target-modules", "to_q", "--unet-target-modules", "to_v",
-                                     "--export", "kohya"))
+    proc = cli_in_process(capsys, *small_train_args(dog_dir, tiny_base, out, "--no-prior", "--steps", "2",
+                                                   "--unet-target-modules", "to_q", "--unet-target-modules",
+                                                   "to_v", "--export", "kohya"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     saved = tomllib.loads((out / "train_config.toml").read_text())
     assert saved["unet_target_modules"] == ["to_q", "to_v"] and saved["export"] == ["kohya"]
