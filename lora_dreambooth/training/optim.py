@@ -31,3 +31,15 @@ def build_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_st
 
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps * num_processes,
                          num_training_steps=total_steps * num_processes)
+
+
+def skip_steps_on_overflow(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor,
+                           grad_scale: torch.Tensor | None = None) -> None:
+    """Let a fused torch Adam/AdamW skip its update on the device where `found_inf` is non-zero (and divide the
+    gradients by `grad_scale` when given): the attributes `torch.amp.GradScaler.step` sets for one step, here set
+    for good, so a captured step reads the current values of these tensors."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    if not all(group.get("fused") for group in inner.param_groups):
+        raise TypeError("device-side overflow skipping needs a fused Adam/AdamW")
+    inner.found_inf = found_inf
+    inner.grad_scale = grad_scale
