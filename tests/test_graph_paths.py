@@ -222,11 +222,11 @@ def _free_port() -> int:
 def _torchrun_on_one_gpu(processes: int, *args: str) -> subprocess.CompletedProcess:
     """Our CLI under torchrun, every rank on GPU 0, over gloo (NCCL refuses two ranks on one GPU)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
-           "NCCL_NVLS_ENABLE": "0"}
+           "NCCL_NVLS_ENABLE": "0", "NVIDIA_TF32_OVERRIDE": "0"}  # fp32 without TF32: close sums
     launcher = Path(__file__).with_name("gloo_one_gpu.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(launcher), "-v", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
 
 
 @needs_cuda
