@@ -40,7 +40,7 @@ def rank_main(args: argparse.Namespace) -> None:
     """One torchrun rank: gloo process group on GPU 0, our recipe timed after the warm-up steps."""
     import torch.distributed as dist
 
-    os.environ.setdefault("ACCELERATE_BYPASS_DEVICE_MAP", "true")  # DDP without device ids: every rank on GPU 0
+    os.environ["LOCAL_RANK"] = "0"  # accelerate's device, DDP device ids and barriers: GPU 0 for every rank
     torch.cuda.set_device(0)
     dist.init_process_group("gloo")
     from bench_train import PROFILES, SETTINGS, TimedRecipe
@@ -89,7 +89,8 @@ def launch(index: int, processes: int, batch: int, graph: bool, args: argparse.N
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "4"}
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"run {index} failed:\n{proc.stderr[-3000:]}")
+        errors = [line for line in proc.stderr.splitlines() if "Error" in line][-12:]
+        raise SystemExit(f"run {index} failed:\n" + "\n".join(errors) + f"\n{proc.stderr[-2000:]}")
     return json.loads((work / f"row-{index}.json").read_text())
 
 

@@ -1,7 +1,8 @@
 """Run our CLI in a torchrun rank with every rank on GPU 0 and gloo as the process group (tests and benchmarks).
 
 NCCL refuses two ranks on one GPU; gloo all-reduces CUDA tensors. accelerate keeps a process group that already
-exists, and with ACCELERATE_BYPASS_DEVICE_MAP=true wraps DDP without device ids (every rank's module is on GPU 0).
+exists; LOCAL_RANK=0 makes every rank use GPU 0 for its device, DDP's device ids and barriers (accelerate takes
+all three from the local rank), as one rank per GPU would.
 """
 import os
 import sys
@@ -10,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 if __name__ == "__main__":
-    os.environ.setdefault("ACCELERATE_BYPASS_DEVICE_MAP", "true")
+    os.environ["LOCAL_RANK"] = "0"
     torch.cuda.set_device(0)
     dist.init_process_group("gloo")
     from lora_dreambooth.cli import main

@@ -118,7 +118,7 @@ def test_low_memory_profile_trains_like_the_plain_path_on_the_same_weights(tmp_p
     # Exact arithmetic on a CPU. On an H100 the NF4 kernels and checkpointed recomputation leave small
     # differences: 4.3e-5 and 6.4e-4 (absolute, on a loss of ~2.3) measured in two runs.
     torch.testing.assert_close(torch.tensor(low_curve), torch.tensor(plain_curve), rtol=1e-3, atol=2e-3)
-    _assert_same_adapters(low, plain, 3e-3)
+    _assert_same_adapters(low, plain, 5e-3)  # 3.5e-3 measured on an H200 (graph path, bf16)
     assert low_curve[0] != low_curve[-1]
 
 

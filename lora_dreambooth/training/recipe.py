@@ -32,7 +32,7 @@ from lora_dreambooth.training.checkpoints import (check_resume_compatible, insta
 from lora_dreambooth.training.graph import GraphedTraining, checkpoint_without_rng_state, compile_in_place
 from lora_dreambooth.training.lowmem import plan_for_base, quantize_frozen
 from lora_dreambooth.training.objective import DreamBoothObjective
-from lora_dreambooth.training.optim import build_lr_scheduler, build_optimizer
+from lora_dreambooth.training.optim import SkippedSteps, build_lr_scheduler, build_optimizer
 from lora_dreambooth.training.priors import prepare_class_images
 from lora_dreambooth.training.prompts import PromptTable
 from lora_dreambooth.training.runtime import (WEIGHT_DTYPES, StopOnSignals, auto_mixed_precision, check_output_folder,
@@ -69,7 +69,6 @@ class DreamBoothRecipe:
         self.out = Path(config.output_dir)
         self.start_step = 0
         self.stop_requested = False
-        self.skipped_steps = 0
 
     # -- setup ------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -218,6 +217,7 @@ class DreamBoothRecipe:
         if self.plan.compile:
             compile_in_place(self.base.unet)
         self.step_runner, self.graph = self._train_step, None
+        self.eager_skips = SkippedSteps(self.accelerator.scaler)
         if self.plan.cuda_graph:  # after resume: it takes over the restored optimizer and GradScaler state
             self.graph = GraphedTraining.build(
                 self._forward_backward, self.optimizer, self.params, max_grad_norm=self.cfg.max_grad_norm,
@@ -273,8 +273,6 @@ class DreamBoothRecipe:
             loss = self.step_runner(latents, noise, timesteps, rows, *self.batches.masks(micro_index))
             if self.graph is not None and acc.sync_gradients:
                 self.graph.finish()  # all-reduce and optimizer update; fp16 skips are counted on the device
-            elif acc.sync_gradients and acc.optimizer_step_was_skipped:  # only ever true with fp16 loss scaling
-                self.skipped_steps += 1
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=self.graph is None)  # the graph's gradients are static: in place
         return loss
@@ -293,7 +291,7 @@ class DreamBoothRecipe:
         acc.backward(loss)
         if acc.sync_gradients and self.cfg.max_grad_norm > 0:
             acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.optimizer.step()
+        self.eager_skips.step(self.optimizer)  # fp16: counts GradScaler's skipped steps on the device
         return loss
 
     def _forward_backward(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
@@ -307,7 +305,7 @@ class DreamBoothRecipe:
         return loss
 
     def _skipped_steps(self) -> int:
-        return self.skipped_steps + (self.graph.skipped_steps() if self.graph is not None else 0)
+        return self.eager_skips.count() + (self.graph.skipped_steps() if self.graph is not None else 0)
 
     def _report(self, loss_sum: torch.Tensor, first_bad: torch.Tensor, done: int, bar: Any, since: float) -> float:
         """Sync once per logging window: mean loss, NaN guard, TensorBoard, progress bar postfix."""
