@@ -38,11 +38,11 @@ RUNS = [  # label, processes, batch per process, graph
 
 def rank_main(args: argparse.Namespace) -> None:
     """One torchrun rank: gloo process group on GPU 0, our recipe timed after the warm-up steps."""
-    import torch.distributed as dist
+    from accelerate import PartialState
 
     os.environ["LOCAL_RANK"] = "0"  # accelerate's device, DDP device ids and barriers: GPU 0 for every rank
     torch.cuda.set_device(0)
-    dist.init_process_group("gloo")
+    PartialState(backend="gloo")  # accelerate must know the backend: its gather differs for gloo
     from bench_train import PROFILES, SETTINGS, TimedRecipe
 
     from lora_dreambooth import TrainConfig
