@@ -3,6 +3,10 @@
 - :class:`CudaGraphStep` runs a whole training step (forward, loss, backward, optimizer) eagerly for a few
   warm-up calls, then captures it once in a CUDA graph and replays it: no Python, no kernel-launch overhead.
 - :func:`make_optimizer_capturable` lets torch's fused AdamW step inside that graph, learning-rate schedule included.
+- :class:`GraphedTraining` splits the step where it must: forward + backward into :class:`FlatGradients` (static
+  gradient views; k replays accumulate), one all-reduce of those buffers between replays when several processes
+  train, then the captured :class:`OptimizerUpdate`. :class:`DeviceLossScaler` is fp16 loss scaling with
+  `torch.amp.GradScaler`'s rules and no host sync (the skipped-step count is read only when reported).
 - :func:`checkpoint_without_rng_state` is activation checkpointing that a graph can capture.
 - :func:`compile_in_place` applies `torch.compile` without wrapping the module (saving and peft keep working).
 
