@@ -137,8 +137,8 @@ def run_one(setting: str, profile: str, args: argparse.Namespace, data: dict[str
     label = f"{setting}-{profile}".replace("+", "-").replace(":", "-")
     cfg = TrainConfig(instance_dir=str(data["instance"]), base=args.base, token="sks", class_noun="dog",
                       output_dir=str(work / label), class_dir=str(data["class"]), num_class_images=args.class_images,
-                      resolution=args.resolution, steps=args.warmup + args.steps, mixed_precision="bf16", rank=4,
-                      batch_size=1, lr=1e-4, seed=0, compile=args.compile, overwrite=True, **options)
+                      resolution=args.resolution, steps=args.warmup + args.steps, rank=4, batch_size=1, lr=1e-4,
+                      mixed_precision=args.mixed_precision, seed=0, compile=args.compile, overwrite=True, **options)
     recipe_class = ContiguousRecipe if profile.endswith(":nchw") else TimedRecipe
     baseline = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -159,7 +159,8 @@ def run_one(setting: str, profile: str, args: argparse.Namespace, data: dict[str
                                           else ", channels-last"),
         "setup_s": setup_s, "peak_loop_gib": loop_peak / GIB, "peak_run_gib": max(setup_peak, loop_peak) / GIB,
         "peak_setup_gib": setup_peak / GIB, "predicted_gib": (recipe.plan.predicted_bytes or 0) / GIB,
-        "last_loss": result.last_loss, "steps_timed": args.steps, "graph_captured": bool(
+        "last_loss": result.last_loss, "skipped_steps": result.skipped_steps, "steps_timed": args.steps,
+        "mixed_precision": args.mixed_precision, "graph_captured": bool(
             getattr(recipe.step_runner, "replaying", False)),
     }
     if setting == "R2" and ":" not in profile:
@@ -189,7 +190,8 @@ def markdown(rows: list[dict], calibration: float, host: dict, args: argparse.Na
     reference_r2 = REFERENCE_R2_PER_CALIBRATION * calibration
     lines = [
         f"GPU: {host['gpu']} ({host['gpu_memory_gib']} GiB), torch {host['torch']} (CUDA {host['cuda']}), "
-        f"{host['cpu_count']} CPU cores. {args.resolution} px, rank 4, batch 1 (+1 class image in R2), bf16 compute, "
+        f"{host['cpu_count']} CPU cores. {args.resolution} px, rank 4, batch 1 (+1 class image in R2), "
+        f"{args.mixed_precision} compute, "
         f"fp32 adapters; it/s over {args.steps} steps after {args.warmup} warm-up steps.",
         "",
         f"Calibration loop on this host: **{calibration:.2f} it/s** (FIELD-NOTES hosts: 7.47 and 5.58). Predicted "
@@ -228,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter-dir", type=Path, help="where the R2 adapters go [OUT_DIR/adapters]")
     parser.add_argument("--compile", action="store_true", help="also pass --compile to the recipe")
     parser.add_argument("--no-calibration", action="store_true")
+    parser.add_argument("--mixed-precision", default="bf16", choices=("bf16", "fp16", "no"),
+                        help="compute precision of every run (fp16: what a T4 or V100 runs, with loss scaling)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_train.py needs a CUDA GPU")

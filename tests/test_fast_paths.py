@@ -118,7 +118,7 @@ def test_low_memory_profile_trains_like_the_plain_path_on_the_same_weights(tmp_p
     # Exact arithmetic on a CPU. On an H100 the NF4 kernels and checkpointed recomputation leave small
     # differences: 4.3e-5 and 6.4e-4 (absolute, on a loss of ~2.3) measured in two runs.
     torch.testing.assert_close(torch.tensor(low_curve), torch.tensor(plain_curve), rtol=1e-3, atol=2e-3)
-    _assert_same_adapters(low, plain, 3e-3)
+    _assert_same_adapters(low, plain, 5e-3)  # 3.5e-3 measured on an H200 (graph path, bf16)
     assert low_curve[0] != low_curve[-1]
 
 
@@ -193,14 +193,11 @@ def test_profiles_resolve_to_plans():
 
 
 @pytest.mark.parametrize("blocking, reason", [
-    (dict(mixed_precision="fp16"), "fp16 loss scaling"),
-    (dict(gradient_accumulation=2), "gradient accumulation"),
     (dict(optimizer="adamw8bit"), "adamw8bit"),
 ])
 def test_what_a_cuda_graph_cannot_run_is_named(blocking, reason):
     plan = _plan(_r2(profile="fast", **blocking))
     assert not plan.cuda_graph and reason in plan.describe()
-    assert not _plan(_r2(profile="fast"), processes=2).cuda_graph
 
 
 def test_max_vram_picks_the_fastest_plan_predicted_to_fit():
@@ -232,8 +229,11 @@ def test_memory_predictions_order_the_candidates_and_scale_with_the_work():
 
 # -- CUDA only: the whole-step graph ---------------------------------------------------------------------------
 class _NoGraph(DreamBoothRecipe):
-    def _choose_plan(self):
-        return dataclasses.replace(super()._choose_plan(), cuda_graph=False)
+    """The same plan, stepped eagerly through accelerate (DDP, GradScaler)."""
+
+    def _prepare_step_runner(self) -> None:
+        self.plan = dataclasses.replace(self.plan, cuda_graph=False)
+        super()._prepare_step_runner()
 
 
 @needs_cuda

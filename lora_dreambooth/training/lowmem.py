@@ -335,15 +335,23 @@ def graph_blockers(cfg: TrainConfig, device: torch.device, num_processes: int) -
     reasons = []
     if device.type != "cuda":
         reasons.append("no CUDA device")
-    if num_processes > 1:
-        reasons.append("multi-process runs step eagerly")
-    if cfg.gradient_accumulation > 1:
-        reasons.append("gradient accumulation steps the optimizer conditionally")
-    if cfg.mixed_precision == "fp16":
-        reasons.append("fp16 loss scaling checks gradients on the host every step (use bf16)")
     if cfg.optimizer != "adamw":
         reasons.append(f"optimizer '{cfg.optimizer}' is not captured (use adamw)")
     return reasons
+
+
+def graph_paths(cfg: TrainConfig, num_processes: int) -> list[str]:
+    """How the graph runs this configuration: fp16 loss scaling, processes, accumulation (empty: one whole step)."""
+    paths = []
+    if cfg.mixed_precision == "fp16":
+        paths.append("fp16 loss scaling on the device (GradScaler's rules, skipped steps counted there)")
+    if num_processes > 1:
+        paths.append(f"{num_processes} processes: forward+backward captured, one all-reduce of the flat LoRA "
+                     f"gradients, then the captured optimizer step")
+    if cfg.gradient_accumulation > 1:
+        paths.append(f"gradient accumulation: {cfg.gradient_accumulation} replays into static gradients, "
+                     f"one optimizer step")
+    return paths
 
 
 def predict_peak_bytes(cfg: TrainConfig, unet: Footprint, text_encoder: Footprint | None, *, quantized: bool,
@@ -382,20 +390,20 @@ def choose_plan(cfg: TrainConfig, *, device: torch.device, num_processes: int, u
                              channels_last=profile == "fast" and device.type == "cuda", predicted_bytes=peak,
                              reasons=tuple(reasons))
 
-    no_graph = [f"no CUDA graph: {', '.join(blockers)}"] if blockers else []
+    graph_notes = [f"no CUDA graph: {', '.join(blockers)}"] if blockers else graph_paths(cfg, num_processes)
     if cfg.profile == "plain" or (cfg.profile == "auto" and device.type != "cuda"):
         why = ["the eager reference path"] if cfg.profile == "plain" else ["auto on a machine without CUDA"]
         if cfg.compile:
             why.append("--compile ignored: the plain path is the uncompiled reference")
         return plan("plain", False, cfg.gradient_checkpointing, False, why)
     if cfg.profile == "fast":
-        return plan("fast", False, cfg.gradient_checkpointing, graph_ok, ["as asked"] + no_graph)
+        return plan("fast", False, cfg.gradient_checkpointing, graph_ok, ["as asked"] + graph_notes)
     if cfg.profile == "low-memory":
-        return plan("low-memory", True, True, graph_ok, ["as asked"] + no_graph)
-    return _auto_plan(plan, budget, free_bytes, graph_ok, no_graph)
+        return plan("low-memory", True, True, graph_ok, ["as asked"] + graph_notes)
+    return _auto_plan(plan, budget, free_bytes, graph_ok, graph_notes)
 
 
-def _auto_plan(plan: Any, budget: int | None, free_bytes: int | None, graph_ok: bool, no_graph: list[str]
+def _auto_plan(plan: Any, budget: int | None, free_bytes: int | None, graph_ok: bool, graph_notes: list[str]
                ) -> ExecutionPlan:
     """The fastest candidate whose predicted peak fits the budget; the leanest one (with a warning) if none."""
     if budget is None and free_bytes is not None:
@@ -412,12 +420,12 @@ def _auto_plan(plan: Any, budget: int | None, free_bytes: int | None, graph_ok: 
     tried = ", ".join(f"{o.label} {o.predicted_bytes / GIB:.2f} GiB" for o in options)
     for option in options:
         if budget is None or option.predicted_bytes <= budget:
-            why = [f"fastest predicted to fit {source}", f"candidates: {tried}"] + no_graph
+            why = [f"fastest predicted to fit {source}", f"candidates: {tried}"] + graph_notes
             return ExecutionPlan(**{**option.__dict__, "reasons": tuple(why)})
     leanest = options[-1]
     log.warning("no profile is predicted to fit %s (leanest: %s at %.2f GiB); trying it anyway", source,
                 leanest.label, leanest.predicted_bytes / GIB)
-    why = [f"nothing predicted to fit {source}", f"candidates: {tried}"] + no_graph
+    why = [f"nothing predicted to fit {source}", f"candidates: {tried}"] + graph_notes
     return ExecutionPlan(**{**leanest.__dict__, "reasons": tuple(why)})
 
 

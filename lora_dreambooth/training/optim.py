@@ -31,3 +31,38 @@ def build_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_st
 
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps * num_processes,
                          num_training_steps=total_steps * num_processes)
+
+
+def skip_steps_on_overflow(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor,
+                           grad_scale: torch.Tensor | None = None) -> None:
+    """Let a fused torch Adam/AdamW skip its update on the device where `found_inf` is non-zero (and divide the
+    gradients by `grad_scale` when given): the attributes `torch.amp.GradScaler.step` sets for one step, here set
+    for good, so a captured step reads the current values of these tensors."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    if not all(group.get("fused") for group in inner.param_groups):
+        raise TypeError("device-side overflow skipping needs a fused Adam/AdamW")
+    inner.found_inf = found_inf
+    inner.grad_scale = grad_scale
+
+
+class SkippedSteps:
+    """Counts, on the device, the optimizer steps `torch.amp.GradScaler` skipped in the eager path: its scale drops
+    exactly then (backoff < 1). accelerate's `optimizer_step_was_skipped` misses a fused AdamW's skip: GradScaler
+    calls that optimizer with `found_inf` and its kernel skips, so accelerate sees a step taken."""
+
+    def __init__(self, grad_scaler: "torch.amp.GradScaler | None"):
+        self.grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        self.skipped: torch.Tensor | None = None
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """`optimizer.step()`, counting a skip when the scale backs off."""
+        scale = self.grad_scaler._get_scale_async() if self.grad_scaler is not None else None
+        before = scale.clone() if scale is not None else None
+        optimizer.step()
+        if before is not None:
+            dropped = (self.grad_scaler._get_scale_async() < before).to(torch.float32)
+            self.skipped = dropped if self.skipped is None else self.skipped + dropped
+
+    def count(self) -> int:
+        """Steps skipped so far (a device read: call it when reporting)."""
+        return int(self.skipped.item()) if self.skipped is not None else 0

@@ -29,11 +29,10 @@ from lora_dreambooth.models import load_base, resolve_base
 from lora_dreambooth.training.batches import MicroBatches, Placement
 from lora_dreambooth.training.checkpoints import (check_resume_compatible, install_adapter_hooks, latest_checkpoint,
                                                   read_checkpoint_state, save_checkpoint)
-from lora_dreambooth.training.graph import (CudaGraphStep, checkpoint_without_rng_state, compile_in_place,
-                                            make_optimizer_capturable)
+from lora_dreambooth.training.graph import GraphedTraining, checkpoint_without_rng_state, compile_in_place
 from lora_dreambooth.training.lowmem import plan_for_base, quantize_frozen
 from lora_dreambooth.training.objective import DreamBoothObjective
-from lora_dreambooth.training.optim import build_lr_scheduler, build_optimizer
+from lora_dreambooth.training.optim import SkippedSteps, build_lr_scheduler, build_optimizer
 from lora_dreambooth.training.priors import prepare_class_images
 from lora_dreambooth.training.prompts import PromptTable
 from lora_dreambooth.training.runtime import (WEIGHT_DTYPES, StopOnSignals, auto_mixed_precision, check_output_folder,
@@ -70,7 +69,6 @@ class DreamBoothRecipe:
         self.out = Path(config.output_dir)
         self.start_step = 0
         self.stop_requested = False
-        self.skipped_steps = 0
 
     # -- setup ------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -215,14 +213,18 @@ class DreamBoothRecipe:
         log.info("resumed from '%s' at step %d", checkpoint, self.start_step)
 
     def _prepare_step_runner(self) -> None:
-        """The training step runs eagerly, or (fast and low-memory profiles) is replayed from a CUDA graph."""
+        """The step runs eagerly, or is replayed from CUDA graphs (fp16, accumulation, processes: graph.py)."""
         if self.plan.compile:
             compile_in_place(self.base.unet)
-        self.step_runner = self._train_step
-        if self.plan.cuda_graph:
-            make_optimizer_capturable(self.optimizer)  # after resume: it must see the final optimizer state
-            self.step_runner = CudaGraphStep(self._train_step, warmup=GRAPH_WARMUP_STEPS,
-                                             after_failed_capture=lambda: self.optimizer.zero_grad(set_to_none=True))
+        self.step_runner, self.graph = self._train_step, None
+        self.eager_skips = SkippedSteps(self.accelerator.scaler)
+        if self.plan.cuda_graph:  # after resume: it takes over the restored optimizer and GradScaler state
+            self.graph = GraphedTraining.build(
+                self._forward_backward, self.optimizer, self.params, max_grad_norm=self.cfg.max_grad_norm,
+                grad_scaler=self.accelerator.scaler if self.cfg.mixed_precision == "fp16" else None,
+                world_size=self.accelerator.num_processes, accumulation=self.cfg.gradient_accumulation,
+                warmup=GRAPH_WARMUP_STEPS)
+            self.step_runner = self.graph.micro
 
     # -- loop -------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -254,10 +256,10 @@ class DreamBoothRecipe:
                     self._checkpoint(done, first_bad)
                     bar.close()
                     return TrainResult(None, done, self.total_steps, last_loss, interrupted=True,
-                                       skipped_steps=warn_skipped_steps(self.skipped_steps, done - self.start_step))
+                                       skipped_steps=warn_skipped_steps(self._skipped_steps(), done - self.start_step))
         bar.close()
         return TrainResult(None, self.total_steps, self.total_steps, last_loss,
-                           skipped_steps=warn_skipped_steps(self.skipped_steps, self.total_steps - self.start_step))
+                           skipped_steps=warn_skipped_steps(self._skipped_steps(), self.total_steps - self.start_step))
 
     def _request_stop(self) -> None:
         self.stop_requested = True
@@ -269,32 +271,41 @@ class DreamBoothRecipe:
             latents, rows = self.batches.batch(micro_index)
             noise, timesteps = self.batches.noise(latents, micro_index)
             loss = self.step_runner(latents, noise, timesteps, rows, *self.batches.masks(micro_index))
-            if acc.sync_gradients and acc.optimizer_step_was_skipped:  # only ever true with fp16 loss scaling
-                self.skipped_steps += 1
+            if self.graph is not None and acc.sync_gradients:
+                self.graph.finish()  # all-reduce and optimizer update; fp16 skips are counted on the device
             self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=self.graph is None)  # the graph's gradients are static: in place
         return loss
+
+    def _loss(self, unet, text_encoder, latents, noise, timesteps, rows, mask) -> torch.Tensor:
+        noisy = self.base.noise_scheduler.add_noise(latents, noise, timesteps)
+        hidden = text_encoder(self.prompts.ids[rows])[0] if text_encoder is not None else self.cached_text[rows]
+        prediction = unet(noisy.to(self.weight_dtype), timesteps, hidden).sample
+        return self.objective(prediction, latents, noise, noisy, timesteps, rows, mask)
 
     def _train_step(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, rows: torch.Tensor,
                     mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Forward, loss, backward and optimizer step of one micro-batch.
-
-        A function of its tensor arguments and the modules' state only (no Python values that change between
-        steps), so the fast profiles can capture it once in a CUDA graph and replay it with new arguments.
-        """
+        """The eager step through accelerate: forward, loss, backward (DDP, GradScaler), clipping, optimizer."""
         acc = self.accelerator
-        noisy = self.base.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.text_encoder is not None:
-            hidden = self.text_encoder(self.prompts.ids[rows])[0]
-        else:
-            hidden = self.cached_text[rows]
-        prediction = self.unet(noisy.to(self.weight_dtype), timesteps, hidden).sample
-        loss = self.objective(prediction, latents, noise, noisy, timesteps, rows, mask)
+        loss = self._loss(self.unet, self.text_encoder, latents, noise, timesteps, rows, mask)
         acc.backward(loss)
         if acc.sync_gradients and self.cfg.max_grad_norm > 0:
             acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.optimizer.step()
+        self.eager_skips.step(self.optimizer)  # fp16: counts GradScaler's skipped steps on the device
         return loss
+
+    def _forward_backward(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                          rows: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The graph path's micro-batch: forward, loss, backward (fp16-scaled, 1/k) into the static gradients, on the
+        unwrapped modules (DDP hooks cannot run in a capture: GraphedTraining all-reduces the flat gradients)."""
+        acc = self.accelerator
+        te = acc.unwrap_model(self.text_encoder) if self.text_encoder is not None else None
+        loss = self._loss(acc.unwrap_model(self.unet), te, latents, noise, timesteps, rows, mask)
+        self.graph.scale_loss(loss / self.cfg.gradient_accumulation).backward()
+        return loss
+
+    def _skipped_steps(self) -> int:
+        return self.eager_skips.count() + (self.graph.skipped_steps() if self.graph is not None else 0)
 
     def _report(self, loss_sum: torch.Tensor, first_bad: torch.Tensor, done: int, bar: Any, since: float) -> float:
         """Sync once per logging window: mean loss, NaN guard, TensorBoard, progress bar postfix."""
@@ -310,6 +321,8 @@ class DreamBoothRecipe:
     def _checkpoint(self, done: int, first_bad: torch.Tensor) -> None:
         """Save a resumable checkpoint, but never one taken after the loss went NaN/inf."""
         self._raise_if_diverged(first_bad)
+        if self.graph is not None:  # accelerate saves its GradScaler: the device scaler's state goes into it
+            self.graph.store_scaler_state(self.accelerator.scaler)
         save_checkpoint(self.accelerator, self.out, done, self.cfg.to_dict(), self.cfg.checkpoints_total_limit)
 
     def _raise_if_diverged(self, first_bad: torch.Tensor) -> None:
