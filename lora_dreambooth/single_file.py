@@ -42,8 +42,14 @@ class _HeaderShapes(Mapping):
     def __init__(self, handle: Any):
         self._handle = handle
         self._keys = list(handle.keys())
+        self._key_set = set(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._key_set
 
     def __getitem__(self, key: str) -> Any:
+        if key not in self._key_set:
+            raise KeyError(key)
         shape = tuple(self._handle.get_slice(key).get_shape())
         return type("Shape", (), {"shape": shape, "ndim": len(shape)})()
 
