@@ -2,7 +2,7 @@
 """Load our kohya/LyCORIS files through ComfyUI's own LoRA code onto an SD v1 model and list what it applied.
 
     python scripts/check_comfyui.py --comfyui PATH [ADAPTER ...] [--make-adapters lora,loha,lokr,dora]
-                                    [--base SD1.safetensors] [--work DIR] [--json OUT]
+                                    [--base SD1.safetensors] [--work DIR] [--json OUT] [--site DIR]
 
 PATH is a ComfyUI source checkout (nothing of it is copied here; it is imported in a child process). ADAPTER is
 an adapter of ours (folder or file, exported to kohya on the fly) or a kohya file, made for SD v1.x. Without
@@ -13,7 +13,8 @@ single-file layout by our `export --format checkpoint` writer, so ComfyUI's chec
 For each file ComfyUI's `comfy.lora.model_lora_keys_unet/clip` + `comfy.lora.load_lora` decide which keys apply
 (the rest it logs as "lora key not loaded"); the weights it patches are compared with the deltas our own loader
 gives (peft merge minus base weight). Exit code 1 when a key is ignored or a delta differs.
-ComfyUI needs its requirements (einops, scipy, torchsde, psutil, ...); torchvision is only imported by model
+ComfyUI needs some of its requirements to import (einops, scipy, torchsde, trampoline, psutil, safetensors; e.g.
+`pip install --target DIR scipy torchsde trampoline` and `--site DIR`); torchvision is only imported by model
 families off the SD v1 LoRA path, so when no CPU build of it is installed a stub stands in (reported).
 """
 from __future__ import annotations
@@ -265,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", help="SD v1.x single-file checkpoint [the random SD v1.4 architecture]")
     parser.add_argument("--work", help="working folder (kept) [a temporary one]")
     parser.add_argument("--json", help="write the full report here")
+    parser.add_argument("--site", default="", help="extra import path for ComfyUI's requirements (pip --target)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -276,13 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     base = Path(args.base) if args.base else random_sd14_checkpoint(work)
     adapters = list(args.adapters)
-    adapters += [str(make_random_adapter(base, v, work / "adapters")) for v in filter(None, args.make_adapters.split(","))]
+    variants = [v for v in args.make_adapters.split(",") if v]
+    adapters += [str(make_random_adapter(base, v, work / "adapters")) for v in variants]
     if not adapters:
         parser.error("give ADAPTER files or --make-adapters")
     pairs = [tuple(map(str, kohya_and_deltas(base, a, work))) for a in adapters]
     job = work / "job.json"
     job.write_text(json.dumps({"base": str(base), "pairs": pairs, "out": str(work / "comfyui-report.json")}))
-    env = {**os.environ, "PYTHONPATH": os.environ.get("COMFYUI_EXTRA_PATH", "")}
+    env = {**os.environ, "PYTHONPATH": args.site}
     subprocess.run([sys.executable, str(Path(__file__).resolve()), "--comfyui", str(Path(args.comfyui).resolve()),
                     "--worker", str(job)], check=True, env=env)
     report = json.loads((work / "comfyui-report.json").read_text())

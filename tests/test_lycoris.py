@@ -1,5 +1,5 @@
 """LyCORIS's own library (`lycoris-lora`, the code kohya sd-scripts and many UIs run LoHa / LoKr with) loads our
-LoHa and LoKr exports and reproduces the weight deltas our adapters apply.
+LoHa, LoKr and DoRA exports and reproduces the weight deltas our adapters apply.
 
 Reuses the tiny adapters trained by test_variants.py (trained once per process).
 """
@@ -53,7 +53,10 @@ def our_deltas(base, adapter) -> dict[str, torch.Tensor]:
     return deltas
 
 
-@pytest.mark.parametrize("variant", ["loha", "lokr"])
+LYCORIS_CLASS = {"lora": "LoConModule", "dora": "LoConModule", "loha": "LohaModule", "lokr": "LokrModule"}
+
+
+@pytest.mark.parametrize("variant", ["loha", "lokr", "dora"])
 def test_lycoris_library_loads_our_export_with_the_same_deltas(tmp_path_factory, tiny_base, dog_dir, tmp_path,
                                                                variant):
     run = trained_adapter(tmp_path_factory, tiny_base, dog_dir, variant, True)
@@ -65,7 +68,7 @@ def test_lycoris_library_loads_our_export_with_the_same_deltas(tmp_path_factory,
     loaded = lycoris_modules(weights, {"lora_unet": pipe.unet,
                                        "lora_te": torch.nn.ModuleDict({"text_model": pipe.text_encoder})})
     assert set(loaded) == modules_in_file  # every module of our file found its layer in LyCORIS
-    assert {type(m).__name__ for m in loaded.values()} == {"loha": {"LohaModule"}, "lokr": {"LokrModule"}}[variant]
+    assert {type(m).__name__ for m in loaded.values()} == {LYCORIS_CLASS[variant]}
     assert any(n.startswith("lora_te_") for n in loaded) and any(n.startswith("lora_unet_") for n in loaded)
     deltas = our_deltas(tiny_base, run.out)
     assert len(deltas) == len(loaded)
@@ -73,8 +76,9 @@ def test_lycoris_library_loads_our_export_with_the_same_deltas(tmp_path_factory,
         component, module = component_name.split(".", 1)
         prefix = "lora_unet_" if component == "unet" else "lora_te_text_model_"
         lyco = loaded[prefix + module.replace(".", "_")]
-        with torch.no_grad():
-            theirs = lyco.get_diff_weight(multiplier=1.0)[0].reshape(ours.shape).float()
+        with torch.no_grad():  # LyCORIS's merged weight (DoRA: its weight decomposition, wd_on_out) minus the base
+            base_weight = lyco.org_module[0].weight
+            theirs = (lyco.get_merged_weight(multiplier=1.0)[0].reshape(ours.shape) - base_weight).float()
         assert ours.abs().max() > 0
         # ours is (merged - base) in fp32: exact up to the rounding of the base weight (~1e-7 of it)
         assert float((theirs - ours).abs().max()) <= 1e-4 * float(ours.abs().max()), component_name
