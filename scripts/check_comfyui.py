@@ -191,6 +191,8 @@ def comfy_worker(comfyui: str, base: str, pairs: list[tuple[str, str]]) -> dict:
     import comfy.utils
 
     capture = _Capture()
+    for handler in logging.getLogger().handlers:  # ComfyUI's console output stays at its usual level
+        handler.setLevel(max(handler.level, logging.INFO))
     logging.getLogger().addHandler(capture)
     logging.getLogger().setLevel(logging.DEBUG)
     model, clip, _vae = comfy.sd.load_checkpoint_guess_config(base, output_vae=True, output_clip=True)[:3]
