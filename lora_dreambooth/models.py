@@ -13,9 +13,14 @@ from typing import Any
 import torch
 
 from lora_dreambooth.errors import UserInputError
-from lora_dreambooth.single_file import base_identity  # noqa: F401  (adapter metadata: base file and hash)
-from lora_dreambooth.single_file import (check_base_file, is_single_file, load_single_file_components,
-                                         load_single_file_tokenizer)
+from lora_dreambooth.single_file import (
+    check_base_file,
+    file_identity,
+    is_single_file,
+    load_single_file_components,
+    load_single_file_tokenizer,
+)
+
 log = logging.getLogger(__name__)
 
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -46,6 +51,12 @@ class BaseModel:
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def base_identity(base: str) -> dict[str, str]:
+    """What an adapter's metadata records about its base: {"base_model": base}, plus "base_file" (name) and
+    "base_sha256" for a single-file checkpoint (streamed, hashed once per file per process)."""
+    return file_identity(base)
 
 
 def quiet_library_progress() -> None:

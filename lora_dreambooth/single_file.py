@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from lora_dreambooth.errors import UserInputError
 
@@ -136,7 +137,7 @@ def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def base_identity(base: str) -> dict[str, str]:
+def file_identity(base: str) -> dict[str, str]:
     """What adapter metadata records about its base: the string given, plus file name and SHA-256 for a file."""
     info = {"base_model": str(base)}
     path = Path(str(base)).expanduser()

@@ -182,13 +182,12 @@ def comfy_worker(comfyui: str, base: str, pairs: list[tuple[str, str]]) -> dict:
     import comfy.options
 
     comfy.options.enable_args_parsing()
-    import torch
-    from safetensors.torch import load_file
-
     import comfy.lora
     import comfy.lora_convert
     import comfy.sd
     import comfy.utils
+    import torch
+    from safetensors.torch import load_file
 
     capture = _Capture()
     for handler in logging.getLogger().handlers:  # ComfyUI's console output stays at its usual level

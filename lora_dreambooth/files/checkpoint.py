@@ -10,16 +10,25 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from lora_dreambooth.errors import UserInputError
 from lora_dreambooth.files.atomic import atomic_path
 from lora_dreambooth.files.metadata import METADATA_KEY, SAVE_DTYPES
-from lora_dreambooth.single_file import (CLIP_PREFIX, PIPELINE_CONFIG_KEY, SD1_CONFIG_DIR, UNET_PREFIX, VAE_PREFIX,
-                                         base_identity, file_sha256, is_single_file)
+from lora_dreambooth.single_file import (
+    CLIP_PREFIX,
+    PIPELINE_CONFIG_KEY,
+    SD1_CONFIG_DIR,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    file_identity,
+    file_sha256,
+    is_single_file,
+)
 
 MERGE_KEY = "lora_dreambooth.merged"
 _UNET_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
@@ -66,7 +75,7 @@ def vae_to_original(state: dict[str, torch.Tensor], config: Any) -> dict[str, to
 
     top = DIFFUSERS_TO_LDM_MAPPING["vae"]
     last = len(config["up_block_types"]) - 1
-    shortcut = lambda r: r.replace("conv_shortcut", "nin_shortcut")  # noqa: E731
+    shortcut = lambda r: r.replace("conv_shortcut", "nin_shortcut")
     rules: list[tuple[str, Callable[..., str]]] = [
         (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
          lambda b, i, r: f"encoder.down.{b}.block.{i}.{shortcut(r)}"),
@@ -124,8 +133,11 @@ def original_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_encode
 def check_round_trip(checkpoint: dict[str, torch.Tensor], states: dict[str, dict[str, torch.Tensor]],
                      unet_config: Any, vae_config: Any) -> None:
     """Raise unless diffusers' single-file converters turn `checkpoint` back into exactly `states`."""
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
 
     back = {"unet": convert_ldm_unet_checkpoint(checkpoint, dict(unet_config)),
             "vae": convert_ldm_vae_checkpoint(checkpoint, dict(vae_config)),
@@ -191,7 +203,6 @@ def save_checkpoint(model: Any, out_file: str | Path, *, save_dtype: str = "fp16
 def export_checkpoint(adapter: str | Path, base: str, out_file: str | Path, *, strength: float = 1.0,
                       save_dtype: str = "fp16", allow_pickle: bool = False) -> Path:
     """Fuse `adapter` at `strength` into `base` and write the result as a single-file SD v1 checkpoint."""
-    from lora_dreambooth.files.load_adapter import load_adapter
     from lora_dreambooth.files.metadata import read_summary, resolve_adapter_file
     from lora_dreambooth.models import load_base
 
@@ -207,7 +218,7 @@ def export_checkpoint(adapter: str | Path, base: str, out_file: str | Path, *, s
     fuse_adapter(model, source, strength, allow_pickle=allow_pickle)
     summary = read_summary(source) if source.suffix.lower() == ".safetensors" else {}
     merged = {"adapter": source.name, "adapter_sha256": file_sha256(source), "strength": strength,
-              **base_identity(base), "token": summary.get("token"), "instance_prompt": summary.get("instance_prompt")}
+              **file_identity(base), "token": summary.get("token"), "instance_prompt": summary.get("instance_prompt")}
     extra = {MERGE_KEY: json.dumps(merged, sort_keys=True),
              "modelspec.title": f"{Path(str(base)).stem} + {summary.get('token') or source.stem}",
              "modelspec.trigger_phrase": str(summary.get("token") or "")}
