@@ -295,7 +295,7 @@ def demo(out_dir: str, base: str | None, steps: int, resolution: int) -> None:
 @click.option("--height", type=int, default=None, help="Image height. [the model's native size]")
 @click.option("--width", type=int, default=None, help="Image width. [the model's native size]")
 @click.option("--device", default=None, help="cuda, cpu, ... [cuda if available]")
-@click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) adapters, which can run code.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) adapters and a .ckpt base, which can run code.")
 def generate(base: str, adapters: tuple[str, ...], prompt: str, out_dir: str, negative_prompt: str, num_images: int,
              steps: int, guidance: float, seed: int, height: int | None, width: int | None, device: str | None,
              allow_pickle: bool) -> None:
@@ -327,12 +327,14 @@ def generate(base: str, adapters: tuple[str, ...], prompt: str, out_dir: str, ne
 @click.option("--device", default=None, help="cuda, cpu, ... [cuda if available]")
 @click.option("--fuse", is_flag=True, help="Fuse the active subject into the base while it stays selected.")
 @click.option("--max-queue", default=16, show_default=True, help="Requests that may wait; more are turned away.")
+@click.option("--allow-pickle", is_flag=True, help="Allow a .ckpt base and pickle (.bin) adapters, which can run code.")
 def serve(base: str, adapters_dir: str, host: str, port: int, share: bool, device: str | None, fuse: bool,
-          max_queue: int) -> None:
+          max_queue: int, allow_pickle: bool) -> None:
     """Web app: pick a trained subject from a dropdown and generate (base loaded once)."""
     from lora_dreambooth.serve.app import serve as run_server
 
-    run_server(base, adapters_dir, host=host, port=port, share=share, device=device, fuse=fuse, max_queue=max_queue)
+    run_server(base, adapters_dir, host=host, port=port, share=share, device=device, fuse=fuse, max_queue=max_queue,
+               allow_pickle=allow_pickle)
 
 
 @cli.command()
@@ -354,6 +356,7 @@ def serve(base: str, adapters_dir: str, host: str, port: int, share: bool, devic
 @click.option("--token", default=None, help="Override the token from the adapter's metadata.")
 @click.option("--class-noun", default=None, help="Override the class noun from the adapter's metadata.")
 @click.option("--device", default=None, help="cuda, cpu, ... [cuda if available]")
+@click.option("--allow-pickle", is_flag=True, help="Allow a .ckpt base, which can run code.")
 def evaluate(**options: Any) -> None:
     """DreamBench scores (DINO, CLIP-I, CLIP-T) of an adapter, comparable with the DreamBooth paper."""
     from lora_dreambooth.evaluation.run import evaluate_adapter

@@ -113,6 +113,11 @@ def test_merged_checkpoint_reloads_in_diffusers_single_file_loader_to_the_same_i
     run = cli_in_process(capsys, *small_train_args(dog_dir, merged, tmp_path / "again", "--no-prior", "--steps", "2"))
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "again" / "pytorch_lora_weights.safetensors").is_file()
+    # generate (like serve and evaluate, through ResidentPipeline.from_base) takes it as well
+    run = cli_in_process(capsys, "generate", "--base", merged, "--prompt", "a photo of sks dog", "--out",
+                         tmp_path / "images", "--num-images", "1", "--steps", "2", "--height", "32", "--width", "32")
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "images" / "grid.png").is_file()
 
 
 def test_strength_zero_gives_back_the_base(capsys, single_file_adapter, tiny_checkpoint, tmp_path):
