@@ -5,6 +5,7 @@ Reuses the tiny adapters trained by test_variants.py (trained once per process).
 """
 from __future__ import annotations
 
+import lycoris.modules as lycoris_modules_api  # lycoris-lora, in the test extras
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,8 +14,6 @@ from lora_dreambooth.files.export import export_kohya
 from lora_dreambooth.files.load_adapter import load_adapter
 
 from .test_variants import fresh_pipeline, trained_adapter
-
-lycoris_modules_api = pytest.importorskip("lycoris.modules", reason="lycoris-lora is in the test extras")
 
 
 def lycoris_modules(weights: dict[str, torch.Tensor], models: dict[str, torch.nn.Module]) -> dict:
