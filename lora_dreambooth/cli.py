@@ -22,7 +22,8 @@ from lora_dreambooth.errors import TrainingDiverged, UserInputError
 
 # Help text for each TrainConfig field; the options themselves are generated from the dataclass.
 TRAIN_HELP: dict[str, str] = {
-    "base": "Base SD v1.x model: a local diffusers folder or a hub id.",
+    "base": "Base SD v1.x model: a diffusers folder, an A1111/Civitai .safetensors checkpoint (.ckpt with "
+            "--allow-pickle) or a hub id.",
     "token": "Rare word that will name your subject (e.g. sks).",
     "class_noun": "What the subject is (dog, person, backpack).",
     "output_dir": "Folder for pytorch_lora_weights.safetensors, train_config.toml, checkpoints, logs.",
@@ -165,7 +166,8 @@ def train(ctx: click.Context, instance_dir: str | None, config_file: str | None,
 
 
 @cli.command("suggest-token")
-@click.option("--base", required=True, help="Base SD v1.x model: a local diffusers folder or a hub id.")
+@click.option("--base", required=True, help="Base SD v1.x model: a local diffusers folder, an A1111/Civitai "
+              ".safetensors checkpoint (.ckpt with --allow-pickle) or a hub id.")
 @click.option("--count", default=20, show_default=True, help="How many tokens to list.")
 @click.option("--min-length", default=2, show_default=True, help="Fewest letters.")
 @click.option("--max-length", default=4, show_default=True, help="Most letters.")
@@ -224,14 +226,33 @@ def format_inspection(info: dict[str, Any]) -> str:
 
 @cli.command("export")
 @click.argument("adapter")
-@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="kohya", show_default=True,
-              help="kohya: the A1111 / ComfyUI / kohya sd-scripts layout (LyCORIS names for LoHa and LoKr).")
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS + ("checkpoint",)), default="kohya",
+              show_default=True, help="kohya: the A1111 / ComfyUI / kohya sd-scripts layout (LyCORIS names for LoHa "
+              "and LoKr). checkpoint: --base with the adapter fused in, one SD v1 .safetensors to load as a model.")
 @click.option("--out", "out_file", required=True, help="The .safetensors file to write.")
-@click.option("--dtype", type=click.Choice(SAVE_DTYPES), default=None, help="Tensor precision. [the adapter's]")
-def export_command(adapter: str, fmt: str, out_file: str, dtype: str | None) -> None:
-    """Write ADAPTER (a folder or file) in another tool's layout."""
+@click.option("--dtype", type=click.Choice(SAVE_DTYPES), default=None,
+              help="Tensor precision. [kohya: the adapter's; checkpoint: fp16]")
+@click.option("--base", default=None, help="With --format checkpoint: the SD v1.x base to fuse into (a "
+              "checkpoint file, a diffusers folder or a hub id).")
+@click.option("--strength", type=float, default=1.0, show_default=True,
+              help="With --format checkpoint: the adapter's strength in the merged weights.")
+@click.option("--allow-pickle", is_flag=True, help="Allow a .ckpt base or pickle adapter, which can run code.")
+def export_command(adapter: str, fmt: str, out_file: str, dtype: str | None, base: str | None, strength: float,
+                   allow_pickle: bool) -> None:
+    """Write ADAPTER (a folder or file) in another tool's layout, or merged into a base checkpoint."""
     from lora_dreambooth.files.export import export_kohya
 
+    if fmt == "checkpoint":
+        from lora_dreambooth.files.checkpoint import export_checkpoint
+
+        if not base:
+            raise UserInputError("--format checkpoint needs --base (the model to fuse the adapter into)")
+        written = export_checkpoint(adapter, base, out_file, strength=strength, save_dtype=dtype or "fp16",
+                                    allow_pickle=allow_pickle)
+        click.echo(f"Wrote {written}")
+        return
+    if base or strength != 1.0:
+        raise UserInputError("--base and --strength belong to --format checkpoint (a kohya file is the adapter alone)")
     click.echo(f"Wrote {export_kohya(adapter, out_file, save_dtype=dtype)}")
 
 
@@ -260,7 +281,8 @@ def demo(out_dir: str, base: str | None, steps: int, resolution: int) -> None:
 
 
 @cli.command()
-@click.option("--base", required=True, help="Base SD v1.x model: a local diffusers folder or a hub id.")
+@click.option("--base", required=True, help="Base SD v1.x model: a local diffusers folder, an A1111/Civitai "
+              ".safetensors checkpoint (.ckpt with --allow-pickle) or a hub id.")
 @click.option("--adapter", "adapters", multiple=True, metavar="PATH[:WEIGHT]",
               help="Adapter folder or file, optionally with a strength (repeatable to mix; none: base model).")
 @click.option("--prompt", required=True, help="What to draw; use the subject's token (e.g. 'a photo of sks dog').")
@@ -273,7 +295,7 @@ def demo(out_dir: str, base: str | None, steps: int, resolution: int) -> None:
 @click.option("--height", type=int, default=None, help="Image height. [the model's native size]")
 @click.option("--width", type=int, default=None, help="Image width. [the model's native size]")
 @click.option("--device", default=None, help="cuda, cpu, ... [cuda if available]")
-@click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) adapters, which can run code.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) adapters and a .ckpt base, which can run code.")
 def generate(base: str, adapters: tuple[str, ...], prompt: str, out_dir: str, negative_prompt: str, num_images: int,
              steps: int, guidance: float, seed: int, height: int | None, width: int | None, device: str | None,
              allow_pickle: bool) -> None:
@@ -295,7 +317,8 @@ def generate(base: str, adapters: tuple[str, ...], prompt: str, out_dir: str, ne
 
 
 @cli.command()
-@click.option("--base", required=True, help="Base SD v1.x model: a local diffusers folder or a hub id.")
+@click.option("--base", required=True, help="Base SD v1.x model: a local diffusers folder, an A1111/Civitai "
+              ".safetensors checkpoint (.ckpt with --allow-pickle) or a hub id.")
 @click.option("--adapters", "adapters_dir", required=True,
               help="Library folder: sub-folders with pytorch_lora_weights.safetensors and/or .safetensors files.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
@@ -304,16 +327,19 @@ def generate(base: str, adapters: tuple[str, ...], prompt: str, out_dir: str, ne
 @click.option("--device", default=None, help="cuda, cpu, ... [cuda if available]")
 @click.option("--fuse", is_flag=True, help="Fuse the active subject into the base while it stays selected.")
 @click.option("--max-queue", default=16, show_default=True, help="Requests that may wait; more are turned away.")
+@click.option("--allow-pickle", is_flag=True, help="Allow a .ckpt base and pickle (.bin) adapters, which can run code.")
 def serve(base: str, adapters_dir: str, host: str, port: int, share: bool, device: str | None, fuse: bool,
-          max_queue: int) -> None:
+          max_queue: int, allow_pickle: bool) -> None:
     """Web app: pick a trained subject from a dropdown and generate (base loaded once)."""
     from lora_dreambooth.serve.app import serve as run_server
 
-    run_server(base, adapters_dir, host=host, port=port, share=share, device=device, fuse=fuse, max_queue=max_queue)
+    run_server(base, adapters_dir, host=host, port=port, share=share, device=device, fuse=fuse, max_queue=max_queue,
+               allow_pickle=allow_pickle)
 
 
 @cli.command()
-@click.option("--base", required=True, help="Base SD v1.x model: a local diffusers folder or a hub id.")
+@click.option("--base", required=True, help="Base SD v1.x model: a local diffusers folder, an A1111/Civitai "
+              ".safetensors checkpoint (.ckpt with --allow-pickle) or a hub id.")
 @click.option("--adapter", required=True, help="Adapter folder or .safetensors file to evaluate.")
 @click.option("--real-dir", required=True, help="Folder of real photos of the subject (the DINO / CLIP-I reference).")
 @click.option("--kind", type=click.Choice(["object", "live"]), required=True, help="DreamBench prompt set.")
@@ -330,6 +356,7 @@ def serve(base: str, adapters_dir: str, host: str, port: int, share: bool, devic
 @click.option("--token", default=None, help="Override the token from the adapter's metadata.")
 @click.option("--class-noun", default=None, help="Override the class noun from the adapter's metadata.")
 @click.option("--device", default=None, help="cuda, cpu, ... [cuda if available]")
+@click.option("--allow-pickle", is_flag=True, help="Allow a .ckpt base, which can run code.")
 def evaluate(**options: Any) -> None:
     """DreamBench scores (DINO, CLIP-I, CLIP-T) of an adapter, comparable with the DreamBooth paper."""
     from lora_dreambooth.evaluation.run import evaluate_adapter

@@ -1,4 +1,5 @@
-"""Loading the frozen Stable Diffusion v1.x base: local folders and hub ids, offline-friendly, with clear errors."""
+"""Loading the frozen Stable Diffusion v1.x base: local folders, single-file checkpoints and hub ids, offline-friendly,
+with clear errors."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,13 @@ from typing import Any
 import torch
 
 from lora_dreambooth.errors import UserInputError
+from lora_dreambooth.single_file import (
+    check_base_file,
+    file_identity,
+    is_single_file,
+    load_single_file_components,
+    load_single_file_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,12 @@ class BaseModel:
         return pipe
 
 
+def base_identity(base: str) -> dict[str, str]:
+    """What an adapter's metadata records about its base: {"base_model": base}, plus "base_file" (name) and
+    "base_sha256" for a single-file checkpoint (streamed, hashed once per file per process)."""
+    return file_identity(base)
+
+
 def quiet_library_progress() -> None:
     """Silence the per-shard progress bars of transformers/diffusers loaders (our own bar is enough)."""
     try:
@@ -63,10 +77,9 @@ def check_base_folder(folder: Path, *, allow_pickle: bool = False) -> None:
     """Raise a one-line error unless `folder` is a diffusers SD v1.x pipeline folder."""
     index_file = folder / "model_index.json"
     if not index_file.is_file():
-        if folder.suffix.lower() in (".safetensors", ".ckpt") or folder.is_file():
-            raise UserInputError(
-                f"base model '{folder}' is a single file; pass a diffusers folder (model_index.json, unet/, vae/, ...)"
-            )
+        if folder.is_file():
+            raise UserInputError(f"base model '{folder}' is a file but not a .safetensors or .ckpt checkpoint; pass "
+                                 f"an SD v1.x checkpoint file or a diffusers folder (model_index.json, unet/, ...)")
         raise UserInputError(f"base model folder '{folder}' has no model_index.json: not a diffusers pipeline folder")
     try:
         index = json.loads(index_file.read_text())
@@ -96,18 +109,28 @@ def check_base_folder(folder: Path, *, allow_pickle: bool = False) -> None:
 
 
 def resolve_base(base: str, *, allow_pickle: bool = False) -> str:
-    """Return a loadable location for `base` (a local folder or a hub id), with clear errors for bad paths."""
+    """Return a loadable location for `base` (a local folder, an SD v1.x checkpoint file or a hub id), with clear
+    errors for bad paths."""
     path = Path(base).expanduser()
+    if path.is_file() and is_single_file(path):
+        check_base_file(path, allow_pickle=allow_pickle)
+        return str(path)
     if path.exists():
         check_base_folder(path, allow_pickle=allow_pickle)
         return str(path)
+    if is_single_file(path):
+        raise UserInputError(f"base model file '{base}' does not exist")
     if not _HUB_ID.match(base):
-        raise UserInputError(f"base model '{base}' does not exist (expected a diffusers folder or a hub id like 'org/name')")
+        raise UserInputError(f"base model '{base}' does not exist (expected a diffusers folder, an SD v1.x "
+                             f".safetensors checkpoint or a hub id like 'org/name')")
     return base
 
 
 def load_base(base: str, *, allow_pickle: bool = False) -> BaseModel:
     """Load tokenizer, text encoder, UNet, VAE and the DDPM noise scheduler of an SD v1.x base in fp32 on the CPU.
+
+    `base` is a diffusers folder, a hub id, or a single-file checkpoint (A1111 / Civitai `.safetensors`; `.ckpt`
+    with ``allow_pickle``) read by diffusers' single-file loader with the SD v1 configs shipped in the package.
 
     Callers move and cast afterwards (the recipe decides devices and dtypes). A hub id that cannot be reached
     fails with one line instead of a long connection traceback.
@@ -117,6 +140,8 @@ def load_base(base: str, *, allow_pickle: bool = False) -> BaseModel:
 
     quiet_library_progress()
     location = resolve_base(base, allow_pickle=allow_pickle)
+    if is_single_file(location) and Path(location).is_file():
+        return _frozen(BaseModel(base=base, **load_single_file_components(Path(location))))
     use_safetensors = None if allow_pickle else True
     try:
         tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
@@ -130,11 +155,15 @@ def load_base(base: str, *, allow_pickle: bool = False) -> BaseModel:
         raise UserInputError(_describe_load_failure(base, location, exc)) from None
     if getattr(unet.config, "cross_attention_dim", None) == 1024:
         raise UserInputError(f"base model '{base}' is Stable Diffusion 2.x: only v1.x is supported")
-    for module in (text_encoder, unet, vae):
+    return _frozen(BaseModel(base=base, tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
+                             noise_scheduler=noise_scheduler))
+
+
+def _frozen(model: BaseModel) -> BaseModel:
+    for module in (model.text_encoder, model.unet, model.vae):
         module.requires_grad_(False)
         module.eval()
-    return BaseModel(base=base, tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
-                     noise_scheduler=noise_scheduler)
+    return model
 
 
 def _describe_load_failure(base: str, location: str, exc: Exception) -> str:
@@ -156,7 +185,7 @@ def _read_json(path: Path) -> dict:
 
 
 def load_tokenizer(base: str) -> Any:
-    """The CLIP tokenizer of an SD v1.x base (a local diffusers folder or a hub id), without loading any model."""
+    """The CLIP tokenizer of an SD v1.x base (a local folder, a checkpoint file or a hub id), loading no model."""
     from transformers import CLIPTokenizer
 
     from lora_dreambooth.errors import UserInputError
@@ -165,6 +194,8 @@ def load_tokenizer(base: str) -> Any:
     quiet_library_progress()
     location = resolve_base(base, allow_pickle=True)  # only the tokenizer is read: no weights, nothing to unpickle
     try:
+        if is_single_file(location) and Path(location).is_file():
+            return load_single_file_tokenizer(Path(location))
         return CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
     except Exception as exc:  # missing files, unreachable hub
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]

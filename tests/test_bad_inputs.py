@@ -349,7 +349,7 @@ def test_bad_base_models(tmp_path, tiny_base, dog_dir, capsys, nothing_loads):
     shutil.copytree(tiny_base / "scheduler", no_index / "scheduler")
     cases = [
         (tmp_path / "nowhere", ("does not exist",)),
-        (single, ("is a single file", "diffusers folder")),
+        (single, ("not a readable .safetensors file",)),
         (no_index, ("has no model_index.json",)),
         (base_variant(tiny_base, tmp_path / "no-vae", drop=("vae", "tokenizer")), ("missing vae, tokenizer",)),
         (base_variant(tiny_base, tmp_path / "sdxl", index={"_class_name": "StableDiffusionXLPipeline",

@@ -65,7 +65,7 @@ def evaluate_adapter(*, base: str, adapter: str, real_dir: str, kind: str, out_d
                      prompts_file: str | None = None, clip: str | None = DEFAULT_CLIP_MODEL,
                      dino: str | None = DEFAULT_DINO_MODEL, seed: int = 0, steps: int = 50, guidance: float = 7.5,
                      size: int | None = None, compare_base: bool = False, token: str | None = None,
-                     class_noun: str | None = None, device: str | None = None) -> str:
+                     class_noun: str | None = None, device: str | None = None, allow_pickle: bool = False) -> str:
     """What `lora-dreambooth evaluate` does: metric models first (fail fast), then base + adapter, generate, score.
 
     Returns the human-readable summary; the files land in `out_dir`.
@@ -86,7 +86,7 @@ def evaluate_adapter(*, base: str, adapter: str, real_dir: str, kind: str, out_d
     metric_models = load_metric_models(clip, dino, device=device)
     prompts = (read_prompt_file(prompts_file, token, class_noun) if prompts_file
                else dreambench_prompts(kind, token, class_noun))
-    pipe = ResidentPipeline.from_base(base, device=device).pipe
+    pipe = ResidentPipeline.from_base(base, device=device, allow_pickle=allow_pickle).pipe  # allow: a .ckpt base
     load_adapter(pipe, file)
     size = size or int(summary.get("resolution") or 512)
     result = evaluate(pipe, prompts, real_dir, out_dir, metric_models, images_per_prompt=images_per_prompt, seed=seed,

@@ -84,12 +84,13 @@ def read_summary(path: str | Path) -> dict[str, Any]:
 
 
 def adapter_summary(cfg: Any, *, steps: int, num_instance_images: int, subjects: list[dict[str, Any]],
-                    version: str) -> dict[str, Any]:
+                    version: str, base: dict[str, str] | None = None) -> dict[str, Any]:
     """Our metadata block (`lora_dreambooth` in the header): what a user (or the app) needs to know about an adapter
-    trained with `cfg` (a TrainConfig), including the full config."""
+    trained with `cfg` (a TrainConfig), including the full config. `base` names the base model (`base_model`, and
+    for a single-file checkpoint `base_file` and `base_sha256`); by default just `cfg.base`."""
     return {
         "token": cfg.token, "class_noun": cfg.class_noun, "instance_prompt": cfg.effective_instance_prompt,
-        "class_prompt": cfg.effective_class_prompt, "base_model": cfg.base, "variant": cfg.variant,
+        "class_prompt": cfg.effective_class_prompt, **(base or {"base_model": cfg.base}), "variant": cfg.variant,
         "rank": cfg.rank, "alpha": cfg.alpha, "steps": steps, "resolution": cfg.resolution,
         "train_text_encoder": cfg.train_text_encoder, "num_instance_images": num_instance_images,
         "subjects": subjects, "package": "lora-dreambooth", "version": version, "config": cfg.to_dict(),

@@ -242,7 +242,7 @@ class RunningApp:
 
 def serve(base: str, adapters_dir: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           share: bool = False, device: str | None = None, dtype: str | None = None, fuse: bool = False,
-          max_queue: int = DEFAULT_MAX_QUEUE, block: bool = True) -> RunningApp:
+          max_queue: int = DEFAULT_MAX_QUEUE, block: bool = True, allow_pickle: bool = False) -> RunningApp:
     """Load the base once, load the library's adapters, launch the app.
 
     With ``block=False`` it returns the :class:`RunningApp` right after launch (the server runs in a background
@@ -256,7 +256,7 @@ def serve(base: str, adapters_dir: str | Path, *, host: str = DEFAULT_HOST, port
     if not 1 <= max_queue <= 10_000:
         raise UserInputError(f"--max-queue must be between 1 and 10000 (got {max_queue})")
     library = AdapterLibrary(adapters_dir)
-    resident = ResidentPipeline.from_base(base, device=device, dtype=dtype, fuse=fuse)
+    resident = ResidentPipeline.from_base(base, device=device, dtype=dtype, fuse=fuse, allow_pickle=allow_pickle)
     report = resident.sync(library)
     if not report.loaded:
         log.warning("no usable adapters in '%s' yet: train some into sub-folders there, then press Refresh",

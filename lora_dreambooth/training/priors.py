@@ -28,8 +28,16 @@ def default_cache_root() -> Path:
 
 
 def default_class_dir(base: str, class_prompt: str, resolution: int) -> Path:
-    """A cache folder keyed by base model, class prompt and resolution."""
-    base_key = str(Path(base).expanduser().resolve()) if Path(base).expanduser().exists() else base
+    """A cache folder keyed by base model, class prompt and resolution.
+
+    A single-file base is keyed by its content hash (SHA-256, hashed once per run), so a renamed or moved file
+    reuses its class images and a different file under the same name does not.
+    """
+    from lora_dreambooth.models import base_identity
+
+    path = Path(base).expanduser()
+    sha256 = base_identity(base).get("base_sha256")
+    base_key = f"sha256:{sha256}" if sha256 else (str(path.resolve()) if path.exists() else base)
     digest = hashlib.sha256(f"{base_key}\n{class_prompt}\n{resolution}".encode()).hexdigest()[:16]
     slug = "".join(c if c.isalnum() else "-" for c in class_prompt)[:40].strip("-")
     return default_cache_root() / "class-images" / f"{slug}-{digest}"

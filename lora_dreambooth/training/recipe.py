@@ -25,7 +25,7 @@ from lora_dreambooth.files.adapter_file import save_adapter
 from lora_dreambooth.files.atomic import write_text_atomic
 from lora_dreambooth.files.export import finish_adapter_folder
 from lora_dreambooth.files.metadata import ADAPTER_FILENAME, adapter_summary
-from lora_dreambooth.models import load_base, resolve_base
+from lora_dreambooth.models import base_identity, load_base, resolve_base
 from lora_dreambooth.training.batches import MicroBatches, Placement
 from lora_dreambooth.training.checkpoints import (check_resume_compatible, install_adapter_hooks, latest_checkpoint,
                                                   read_checkpoint_state, save_checkpoint)
@@ -361,7 +361,8 @@ class DreamBoothRecipe:
     def summary(self, steps_done: int) -> dict[str, Any]:
         """Our metadata block: what a user (or the app) needs to know about this adapter."""
         return adapter_summary(self.cfg, steps=steps_done, num_instance_images=len(self.instance),
-                               subjects=subjects_summary(self.subjects, self.instance), version=__version__)
+                               subjects=subjects_summary(self.subjects, self.instance), version=__version__,
+                               base=base_identity(self.cfg.base))
 
 
 def train(config: TrainConfig) -> TrainResult:
