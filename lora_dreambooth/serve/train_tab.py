@@ -71,8 +71,8 @@ def progress_text(jobs: JobQueue, job_id: str | None) -> str:
         return f"{head} · waiting, position {status['queue_position']} in the queue"
     if state == "running":
         loss = f"{status['loss']:.4f}" if status["loss"] is not None else "–"
-        return (f"{head} · step **{step} / {total}** · loss {loss} · ETA {_eta(status['eta_s'])}"
-                f"\n\n{status['phase']}")
+        preparing = f"\n\npreparing: {status['phase']}" if step == 0 and status["phase"] else ""
+        return f"{head} · step **{step} / {total}** · loss {loss} · ETA {_eta(status['eta_s'])}{preparing}"
     if state == "done":
         return f"{head} · {step} / {total} steps · subject **`{status['subject']}`** is in the Generate tab's list"
     return f"{head} · step {step} / {total} · {status['message']}"
@@ -130,8 +130,8 @@ def build_train_tab(gr: Any, app: Any, jobs: JobQueue, generate: dict[str, Any],
         image = None
         if job_id:
             try:
-                image = jobs.status(job_id)["validation_image"]
-            except Exception:
+                image = shown_large(jobs.status(job_id)["validation_image"])
+            except Exception:  # no job, or a picture being written: show none this tick
                 image = None
         subjects = subjects_update(gr, app, version)
         return (progress_text(jobs, job_id), image, queue_text(jobs), *subjects, app.version)
@@ -147,6 +147,18 @@ def build_train_tab(gr: Any, app: Any, jobs: JobQueue, generate: dict[str, Any],
     gr.api(train_status, api_name="train_status")
     gr.api(cancel_training, api_name="cancel_training")
     gr.api(resume_training, api_name="resume_training")
+
+
+def shown_large(path: str | None, height: int = 200) -> Any:
+    """A validation grid scaled up (pixels kept sharp) when it is smaller than ``height``, e.g. a 32 px base's."""
+    if not path:
+        return None
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    factor = height // max(image.height, 1)
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST) if factor > 1 else image
 
 
 def subjects_update(gr: Any, app: Any, version: int) -> tuple[Any, Any]:
