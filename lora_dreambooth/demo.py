@@ -134,7 +134,7 @@ def comparison_rows(plan: DemoPlan, adapter_dir: Path, prompts: Sequence[str], s
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(adapter_dir))
     photos = sorted(p for p in plan.photos.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
-    rows = [("training photos", [Image.open(p).convert("RGB") for p in photos][:seeds])]
+    rows = [("training photos", [Image.open(p).convert("RGB") for p in photos][:max(seeds, 8)])]
     for prompt in prompts:
         for title, scale in (("base", 0.0), ("with the adapter", 1.0)):
             generators = [torch.Generator().manual_seed(s) for s in range(seeds)]
