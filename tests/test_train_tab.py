@@ -4,7 +4,6 @@ Chromium (upload, start, progress, pick the new subject, generate). One server s
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -16,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_dreambooth.serve.jobs import JOBS_DIR, copy_photos, progress_from_log, safe_file_name, JobProgress
 from lora_dreambooth.errors import UserInputError
+from lora_dreambooth.serve.jobs import JOBS_DIR, JobProgress, copy_photos, progress_from_log, safe_file_name
 
 from .conftest import REPO
 from .test_app import free_port, quiet_gradio_env
@@ -103,7 +102,7 @@ def dog_photos(dog_dir: Path, count: int = 3) -> list[Path]:
 
 
 def test_train_queue_bad_photo_generate_while_training_and_cancel(client, train_server, dog_dir, tmp_path):
-    url, library, lines, proc = train_server
+    _, library, lines, proc = train_server
     broken = tmp_path / "holiday (1).jpg"
     broken.write_bytes(b"\xff\xd8\xff this is not really a JPEG")
     first = start(client, dog_photos(dog_dir, 4), "sks")

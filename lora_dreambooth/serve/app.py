@@ -134,7 +134,7 @@ def _readable_errors(fn: Callable) -> Callable:
 
 
 def build_app(resident: ResidentPipeline, library: AdapterLibrary, *, title: str = "lora-dreambooth",
-              jobs: "JobQueue | None" = None):
+              jobs: JobQueue | None = None):
     """The Gradio Blocks app over a resident pipeline and its library (not launched); with ``jobs``, a Train tab."""
     _quiet_gradio_env()
     import gradio as gr
@@ -268,7 +268,7 @@ class RunningApp:
     url: str
     resident: ResidentPipeline
     library: AdapterLibrary
-    jobs: "JobQueue | None" = None
+    jobs: JobQueue | None = None
 
     def close(self) -> None:
         if self.jobs is not None:

@@ -9,8 +9,10 @@ Named API endpoints for scripts: ``train`` (``photos``, ``token``, ``class_noun`
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+from lora_dreambooth.errors import UserInputError
 from lora_dreambooth.serve.jobs import MAX_PHOTOS, MIN_PHOTOS, JobQueue, TrainJob
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ def suggested_token(app: Any) -> str:
 def _eta(seconds: float | None) -> str:
     if seconds is None:
         return "–"
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
@@ -63,7 +65,7 @@ def progress_text(jobs: JobQueue, job_id: str | None) -> str:
         return "No training started from this page yet."
     try:
         status = jobs.status(job_id)
-    except Exception as exc:
+    except UserInputError as exc:
         return f"{exc}"
     state, step, total = status["state"], status["step"], status["total_steps"]
     head = f"**{status['token']} {status['class_noun']}** · `{status['job']}` · **{state}**"
@@ -131,7 +133,7 @@ def build_train_tab(gr: Any, app: Any, jobs: JobQueue, generate: dict[str, Any],
         if job_id:
             try:
                 image = shown_large(jobs.status(job_id)["validation_image"])
-            except Exception:  # no job, or a picture being written: show none this tick
+            except (UserInputError, OSError, ValueError):  # no such job, or a picture being written: none this tick
                 image = None
         subjects = subjects_update(gr, app, version)
         return (progress_text(jobs, job_id), image, queue_text(jobs), *subjects, app.version)
