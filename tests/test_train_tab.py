@@ -186,6 +186,25 @@ def test_progress_is_read_from_the_trainers_progress_bar():
     assert progress.phase.startswith("validation grid for step 6")
 
 
+def test_progress_file_written_by_the_trainer_component_is_read_by_the_app(tmp_path):
+    from lora_dreambooth.serve.jobs import progress_from_file
+    from lora_dreambooth.training.progress import ProgressLog
+
+    path = tmp_path / "progress.jsonl"
+    progress = ProgressLog(path, total_steps=12, start_step=0)
+    progress.write(6, loss=0.25, lr=1e-3)
+    progress.validation(6, tmp_path / "validation" / "step-000006.png")
+    with path.open("a") as fh:
+        fh.write('{"event": "step", "st')  # a line still being written is skipped
+    seen = JobProgress()
+    assert progress_from_file(path, seen)
+    assert (seen.step, seen.total_steps, seen.loss) == (6, 12, 0.25)
+    assert seen.validation == tmp_path / "validation" / "step-000006.png"
+    assert seen.eta_s is not None and seen.eta_s >= 0
+    assert not progress_from_file(tmp_path / "missing.jsonl", JobProgress())
+    assert ProgressLog(None, 12).path is None  # no file configured: nothing written
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is missing (apt-get install chromium)")
 def test_train_tab_in_a_browser(train_server, dog_dir):
     from playwright.sync_api import sync_playwright

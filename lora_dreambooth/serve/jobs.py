@@ -172,22 +172,26 @@ def progress_from_log(text: str, into: JobProgress) -> JobProgress:
 
 
 def progress_from_file(path: Path, into: JobProgress) -> bool:
-    """The last record of the trainer's progress file (``progress_file``); False when there is none yet."""
+    """Progress from the trainer's progress file (``progress_file``: JSON lines, the last one may be half written);
+    the latest loss and validation picture are kept when a later record has none. False when there is none yet."""
     try:
         lines = path.read_text().splitlines()
     except OSError:
         return False
-    for line in reversed(lines):
+    found = False
+    for line in lines:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line being written
             continue
+        found = True
         into.step, into.total_steps = int(record.get("step", 0)), int(record.get("total_steps", 0))
-        into.loss, into.eta_s = record.get("loss"), record.get("eta_s")
+        into.eta_s = record.get("eta_s")
+        if record.get("loss") is not None:
+            into.loss = float(record["loss"])
         if record.get("validation_image"):
             into.validation = Path(record["validation_image"])
-        return True
-    return False
+    return found
 
 
 def latest_validation(output_dir: Path) -> Path | None:
