@@ -108,7 +108,7 @@ def run_demo(out: Path, *, base: str | None = None, steps: int | None = None, re
     plan = synthetic_plan(out, steps) if synthetic else real_base_plan(out, base, steps, resolution)
     config = demo_config(plan, out, synthetic)
     started = time.perf_counter()
-    log.info("training %d steps on %s photos of '%s %s' (base: %s)", plan.steps, plan.photos, plan.token,
+    log.info("training %d steps on the photos in '%s' ('%s %s'; base: %s)", plan.steps, plan.photos, plan.token,
              plan.class_noun, plan.base)
     result = train(config)
     log.info("trained in %.0f s", time.perf_counter() - started)
@@ -116,8 +116,9 @@ def run_demo(out: Path, *, base: str | None = None, steps: int | None = None, re
     rows = comparison_rows(plan, Path(config.output_dir), prompts, seeds)
     grid_path = out / "comparison.png"
     labelled_grid(rows, CELL if synthetic else min(plan.resolution, 192)).save(grid_path)
-    log.info("adapter: %s\ncomparison (photos; base and adapter on the same seeds): %s", result.adapter_path,
-             grid_path)
+    log.info("adapter: %s\ncomparison (photos; base and adapter on the same seeds): %s\n"
+             "try it in the app: lora-dreambooth serve --base %s --adapters %s", result.adapter_path, grid_path,
+             plan.base, out)
     return grid_path
 
 
