@@ -200,13 +200,20 @@ def latest_validation(output_dir: Path) -> Path | None:
     return grids[-1] if grids else None
 
 
+def tail(path: Path, size: int = 20_000) -> str:
+    """The last ``size`` bytes of a (growing) log file as text ("" when it is not there yet)."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - size))
+            return fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
 def read_progress(job: TrainJob) -> JobProgress:
     """Refresh ``job.progress`` from its progress file, else from its log; plus the latest validation grid."""
     progress = job.progress
-    try:
-        text = job.log_path.read_text(errors="replace")[-20_000:]
-    except OSError:
-        text = ""
+    text = tail(job.log_path)
     if progress_from_file(job.progress_path, progress):
         progress.phase = progress_from_log(text, JobProgress()).phase
     else:
@@ -383,7 +390,7 @@ class JobQueue:
         self._finish(job, job.process.returncode)
 
     def _finish(self, job: TrainJob, returncode: int) -> None:
-        text = job.log_path.read_text(errors="replace")
+        text = tail(job.log_path)
         if returncode == 0:
             job.subject = self._publish(job)
             job.progress.step = job.progress.total_steps = job.steps
