@@ -69,6 +69,7 @@ TRAIN_HELP: dict[str, str] = {
     "overwrite": "Replace a finished adapter in the output folder.",
     "save_dtype": "Precision of the saved adapter weights.",
     "log_every": "Log the loss every N steps.",
+    "progress_file": "Also append step, total, loss and ETA as JSON lines to this file (read by the app).",
     "sample_prompts": "Prompt for a sample grid written after training (repeatable).",
     "allow_pickle": "Allow loading pickle (.bin/.ckpt) weights, which can run code.",
     "init": "LoRA initialisation: gaussian, or pissa/olora (start from the base weights' SVD/QR factors; the saved "
@@ -178,6 +179,11 @@ def suggest_token(base: str, count: int, min_length: int, max_length: int, as_js
     from lora_dreambooth.models import load_tokenizer
 
     suggestions = suggest_tokens(load_tokenizer(base), count, min_length=min_length, max_length=max_length)
+    if not suggestions:
+        raise UserInputError(f"no candidate tokens in the tokenizer of '{base}': none of its whole-word entries of "
+                             f"{min_length}-{max_length} letters is rare and encodes back to one token (a tiny or "
+                             f"byte-level vocabulary has none); widen --min-length/--max-length or pick a rare "
+                             f"word such as 'sks' yourself")
     if as_json:
         click.echo(json.dumps([{"token": s.text, "id": s.token_id, "rarity": round(s.rarity, 3)}
                                for s in suggestions], indent=2))
@@ -270,11 +276,13 @@ def import_command(file: str, out_dir: str, dtype: str | None, overwrite: bool) 
 
 @cli.command()
 @click.option("--out", "out_dir", default="demo-output", show_default=True, help="Where to write everything.")
-@click.option("--base", default=None, help="A real SD v1.x base; default: a built-in tiny random base (offline).")
-@click.option("--steps", default=150, show_default=True, help="Training steps.")
-@click.option("--resolution", default=64, show_default=True, help="Training resolution.")
-def demo(out_dir: str, base: str | None, steps: int, resolution: int) -> None:
-    """Offline demo: build a tiny base, train on the bundled dog photos, write a sample grid."""
+@click.option("--base", default=None,
+              help="A real SD v1.x base (trains on the bundled dog photos); default: the shipped synthetic base "
+                   "and the synthetic subject (offline, about a minute on a CPU).")
+@click.option("--steps", type=int, default=None, help="Training steps. [600 synthetic, 400 real base]")
+@click.option("--resolution", type=int, default=None, help="Training resolution (real base only). [512]")
+def demo(out_dir: str, base: str | None, steps: int | None, resolution: int | None) -> None:
+    """Offline demo: teach a base a subject, write comparison.png (photos, base vs adapter on the same seeds)."""
     from lora_dreambooth.demo import run_demo
 
     run_demo(Path(out_dir), base=base, steps=steps, resolution=resolution)
@@ -328,13 +336,23 @@ def generate(base: str, adapters: tuple[str, ...], prompt: str, out_dir: str, ne
 @click.option("--fuse", is_flag=True, help="Fuse the active subject into the base while it stays selected.")
 @click.option("--max-queue", default=16, show_default=True, help="Requests that may wait; more are turned away.")
 @click.option("--allow-pickle", is_flag=True, help="Allow a .ckpt base and pickle (.bin) adapters, which can run code.")
+@click.option("--train/--no-train", "train_tab", default=True, show_default=True,
+              help="A Train tab: upload photos and train new subjects from the app (one at a time, in a worker).")
+@click.option("--train-config", type=click.Path(), default=None,
+              help="TOML of train options for jobs started from the app (e.g. resolution, lr, num_class_images).")
 def serve(base: str, adapters_dir: str, host: str, port: int, share: bool, device: str | None, fuse: bool,
-          max_queue: int, allow_pickle: bool) -> None:
-    """Web app: pick a trained subject from a dropdown and generate (base loaded once)."""
+          max_queue: int, allow_pickle: bool, train_tab: bool, train_config: str | None) -> None:
+    """Web app: pick a trained subject from a dropdown and generate (base loaded once); train new ones."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UserInputError("the app needs gradio: pip install 'lora-dreambooth[app]' "
+                             "(or pip install gradio)") from None
     from lora_dreambooth.serve.app import serve as run_server
 
+    defaults = read_toml(train_config) if train_config else None
     run_server(base, adapters_dir, host=host, port=port, share=share, device=device, fuse=fuse, max_queue=max_queue,
-               allow_pickle=allow_pickle)
+               allow_pickle=allow_pickle, train=train_tab, train_defaults=defaults)
 
 
 @cli.command()

@@ -130,6 +130,7 @@ class TrainConfig:
     overwrite: bool = False
     save_dtype: str = "fp16"
     log_every: int = 10
+    progress_file: str | None = None  # JSON lines of step / total / loss / ETA (the app's training jobs read it)
     sample_prompts: tuple[str, ...] = ()
     allow_pickle: bool = False
     export: tuple[str, ...] = ()  # extra layouts written beside the adapter: "kohya"

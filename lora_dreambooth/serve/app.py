@@ -13,14 +13,18 @@ import ipaddress
 import logging
 import os
 import random
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from lora_dreambooth.errors import UserInputError
 from lora_dreambooth.serve.generation import GenerationLimits, GenerationRequest
 from lora_dreambooth.serve.library import BASE_ONLY, AdapterLibrary, check_subject_name
 from lora_dreambooth.serve.pipeline import ResidentPipeline
+
+if TYPE_CHECKING:
+    from lora_dreambooth.serve.jobs import JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,7 @@ DEFAULT_PORT = 7860
 DEFAULT_MAX_QUEUE = 16
 BASE_ONLY_LABEL = "none (base model only)"
 MAX_SEED = 2**32 - 1
+MAX_UPLOAD_BYTES = 25 * 2**20  # the Train tab's photos (jobs.MAX_PHOTO_BYTES)
 
 
 def _quiet_gradio_env() -> None:
@@ -42,6 +47,8 @@ class SubjectApp:
     def __init__(self, resident: ResidentPipeline, library: AdapterLibrary):
         self.resident = resident
         self.library = library
+        self.version = 0  # bumped by every refresh that changed the library: pages update their dropdowns
+        self._refresh_lock = threading.Lock()
 
     # -- choices ----------------------------------------------------------------------------------------------
     def subject_choices(self) -> list[tuple[str, str]]:
@@ -93,8 +100,11 @@ class SubjectApp:
 
     def refresh(self) -> tuple[list[str], list[str]]:
         """Rescan the library and load what is new or replaced; returns (one-line changes, problems)."""
-        changes = self.library.refresh()
-        report = self.resident.sync(self.library)
+        with self._refresh_lock:  # the page's Refresh and a finished training job may both call it
+            changes = self.library.refresh()
+            report = self.resident.sync(self.library)
+            if changes or report.loaded or report.reloaded or report.removed:
+                self.version += 1
         lines = [f"{what}: {', '.join(names)}" for what, names in
                  (("added", report.loaded), ("reloaded", report.reloaded), ("removed", report.removed)) if names]
         problems = [f"{name}: {why}" for name, why in report.failed.items()]
@@ -123,81 +133,26 @@ def _readable_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def build_app(resident: ResidentPipeline, library: AdapterLibrary, *, title: str = "lora-dreambooth"):
-    """The Gradio Blocks app over a resident pipeline and its library (not launched)."""
+def build_app(resident: ResidentPipeline, library: AdapterLibrary, *, title: str = "lora-dreambooth",
+              jobs: JobQueue | None = None):
+    """The Gradio Blocks app over a resident pipeline and its library (not launched); with ``jobs``, a Train tab."""
     _quiet_gradio_env()
     import gradio as gr
 
     app = SubjectApp(resident, library)
-    limits: GenerationLimits = resident.limits
-    native = resident.native_size()
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
-        gr.Markdown(f"## {title}\nPick a trained subject, write a prompt with its token, generate. "
+        gr.Markdown(f"## {title}\nPick a trained subject, write a prompt with its token, generate"
+                    f"{' — or teach the base a new subject in the Train tab' if jobs is not None else ''}. "
                     f"Base model: `{resident.base}`")
-        with gr.Row():
-            with gr.Column(scale=1):
-                subject = gr.Dropdown(app.subject_choices(), value=app.default_subject(), label="Subject",
-                                      allow_custom_value=True, elem_id="subject",
-                                      info="token + class · library name")
-                strength = gr.Slider(0, limits.max_weight, 1.0, step=0.05, label="Subject strength",
-                                     elem_id="strength")
-                prompt = gr.Textbox(app.offered_prompt(app.default_subject()), label="Prompt", lines=2,
-                                    elem_id="prompt")
-                negative = gr.Textbox("", label="Negative prompt", elem_id="negative")
-                with gr.Row():
-                    run = gr.Button("Generate", variant="primary", elem_id="generate")
-                    refresh = gr.Button("Refresh library", elem_id="refresh")
-                with gr.Accordion("Mix in a second subject", open=False):
-                    mix_subject = gr.Dropdown(app.subject_choices(), value=BASE_ONLY, label="Second subject",
-                                              allow_custom_value=True, elem_id="mix-subject")
-                    mix_strength = gr.Slider(0, limits.max_weight, 0.5, step=0.05, label="Second subject strength")
-                with gr.Accordion("Settings", open=True):
-                    steps = gr.Slider(1, min(limits.max_steps, 100), 25, step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(0, 20, 7.5, step=0.5, label="Guidance scale", elem_id="guidance")
-                    with gr.Row():
-                        seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
-                        randomize = gr.Checkbox(False, label="Random seed", elem_id="randomize")
-                    num_images = gr.Slider(1, limits.max_images, 1, step=1, label="Images", elem_id="num-images")
-                    with gr.Row():
-                        low, high = min(64, native), max(1024, native)
-                        width = gr.Slider(low, high, native, step=8, label="Width", elem_id="width")
-                        height = gr.Slider(low, high, native, step=8, label="Height", elem_id="height")
-            with gr.Column(scale=1):
-                gallery = gr.Gallery(label="Images", format="png", columns=2, object_fit="contain",
-                                     elem_id="gallery", height=420)
-                seed_used = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="seed-used")
-                status = gr.Markdown(app.status_text(), label="Status", elem_id="status")
-                first_preview = app.preview(app.default_subject())
-                preview = gr.Image(first_preview, label="Subject preview (from training)", interactive=False,
-                                   height=200, visible=first_preview is not None, elem_id="preview")
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Generate", id="generate", elem_id="generate-tab"):
+                widgets = _generate_tab(gr, app)
+            if jobs is not None:
+                from lora_dreambooth.serve.train_tab import build_train_tab
 
-        @_readable_errors
-        def generate(subject: str, prompt: str, negative_prompt: str, strength: float, mix_subject: str,
-                     mix_strength: float, steps: float, guidance: float, seed: float, randomize_seed: bool,
-                     num_images: float, width: float, height: float):
-            if randomize_seed:
-                seed = random.randint(0, MAX_SEED)
-            request = app.request(subject, prompt, negative_prompt, strength, mix_subject, mix_strength, steps,
-                                  guidance, seed, num_images, width, height)
-            result = resident.generate(request)
-            images = [(image, f"seed {s}") for image, s in zip(result.images, result.seeds)]
-            mix = " + ".join(f"{n} ×{w:g}" for n, w in request.adapters) or "base model"
-            return images, request.seed, app.status_text(f"{mix}: {result.seconds:.2f} s")
-
-        def on_subject_change(new_subject: str, current_prompt: str):
-            offered = app.offered_prompt(new_subject)
-            keep = (current_prompt or "").strip() not in app.known_prompts()
-            image = app.preview(new_subject)
-            return gr.update() if keep else offered, gr.update(value=image, visible=image is not None)
-
-        @_readable_errors
-        def on_refresh():
-            lines, problems = app.refresh()
-            for problem in problems:
-                gr.Warning(f"skipped {problem}")
-            choices = app.subject_choices()
-            return (gr.update(choices=choices), gr.update(choices=choices),
-                    app.status_text("; ".join(lines) or "library unchanged"))
+                jobs.on_done = lambda job: app.refresh()  # the new subject joins the library and the dropdowns
+                with gr.Tab("Train", id="train", elem_id="train-tab"):
+                    build_train_tab(gr, app, jobs, widgets, _readable_errors)
 
         def on_load():
             choices = app.subject_choices()  # new subjects since launch show up in new pages too
@@ -206,15 +161,93 @@ def build_app(resident: ResidentPipeline, library: AdapterLibrary, *, title: str
         def status_api() -> dict:
             return resident.stats()
 
-        run.click(generate, [subject, prompt, negative, strength, mix_subject, mix_strength, steps, guidance, seed,
-                             randomize, num_images, width, height], [gallery, seed_used, status],
-                  api_name="generate")
-        subject.change(on_subject_change, [subject, prompt], [prompt, preview], api_visibility="private",
-                       queue=False)
-        refresh.click(on_refresh, None, [subject, mix_subject, status], api_name="refresh")
-        demo.load(on_load, None, [subject, mix_subject, status], api_visibility="private", queue=False)
+        demo.load(on_load, None, [widgets["subject"], widgets["mix_subject"], widgets["status"]],
+                  api_visibility="private", queue=False)
         gr.api(status_api, api_name="status")
     return demo
+
+
+def _generate_tab(gr: Any, app: SubjectApp) -> dict[str, Any]:
+    """The Generate tab's widgets (wired by :func:`_wire_generate`); returns them by name."""
+    limits: GenerationLimits = app.resident.limits
+    native = app.resident.native_size()
+    w: dict[str, Any] = {}
+    with gr.Row():
+        with gr.Column(scale=1):
+            w["subject"] = gr.Dropdown(app.subject_choices(), value=app.default_subject(), label="Subject",
+                                       allow_custom_value=True, elem_id="subject", info="token + class · library name")
+            w["strength"] = gr.Slider(0, limits.max_weight, 1.0, step=0.05, label="Subject strength",
+                                      elem_id="strength")
+            w["prompt"] = gr.Textbox(app.offered_prompt(app.default_subject()), label="Prompt", lines=2,
+                                     elem_id="prompt")
+            w["negative"] = gr.Textbox("", label="Negative prompt", elem_id="negative")
+            with gr.Row():
+                w["run"] = gr.Button("Generate", variant="primary", elem_id="generate")
+                w["refresh"] = gr.Button("Refresh library", elem_id="refresh")
+            with gr.Accordion("Mix in a second subject", open=False):
+                w["mix_subject"] = gr.Dropdown(app.subject_choices(), value=BASE_ONLY, label="Second subject",
+                                               allow_custom_value=True, elem_id="mix-subject")
+                w["mix_strength"] = gr.Slider(0, limits.max_weight, 0.5, step=0.05, label="Second subject strength")
+            with gr.Accordion("Settings", open=True):
+                w["steps"] = gr.Slider(1, min(limits.max_steps, 100), 25, step=1, label="Steps", elem_id="steps")
+                w["guidance"] = gr.Slider(0, 20, 7.5, step=0.5, label="Guidance scale", elem_id="guidance")
+                with gr.Row():
+                    w["seed"] = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
+                    w["randomize"] = gr.Checkbox(False, label="Random seed", elem_id="randomize")
+                w["num_images"] = gr.Slider(1, limits.max_images, 1, step=1, label="Images", elem_id="num-images")
+                with gr.Row():
+                    low, high = min(64, native), max(1024, native)
+                    w["width"] = gr.Slider(low, high, native, step=8, label="Width", elem_id="width")
+                    w["height"] = gr.Slider(low, high, native, step=8, label="Height", elem_id="height")
+        with gr.Column(scale=1):
+            w["gallery"] = gr.Gallery(label="Images", format="png", columns=2, object_fit="contain",
+                                      elem_id="gallery", height=420)
+            w["seed_used"] = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="seed-used")
+            w["status"] = gr.Markdown(app.status_text(), label="Status", elem_id="status")
+            first_preview = app.preview(app.default_subject())
+            w["preview"] = gr.Image(first_preview, label="Subject preview (from training)", interactive=False,
+                                    height=200, visible=first_preview is not None, elem_id="preview")
+    _wire_generate(gr, app, w)
+    return w
+
+
+def _wire_generate(gr: Any, app: SubjectApp, w: dict[str, Any]) -> None:
+    """The Generate tab's events: generate (API ``generate``), subject change, refresh (API ``refresh``)."""
+
+    @_readable_errors
+    def generate(subject: str, prompt: str, negative_prompt: str, strength: float, mix_subject: str,
+                 mix_strength: float, steps: float, guidance: float, seed: float, randomize_seed: bool,
+                 num_images: float, width: float, height: float):
+        if randomize_seed:
+            seed = random.randint(0, MAX_SEED)
+        request = app.request(subject, prompt, negative_prompt, strength, mix_subject, mix_strength, steps,
+                              guidance, seed, num_images, width, height)
+        result = app.resident.generate(request)
+        images = [(image, f"seed {s}") for image, s in zip(result.images, result.seeds)]
+        mix = " + ".join(f"{n} ×{w:g}" for n, w in request.adapters) or "base model"
+        return images, request.seed, app.status_text(f"{mix}: {result.seconds:.2f} s")
+
+    def on_subject_change(new_subject: str, current_prompt: str):
+        offered = app.offered_prompt(new_subject)
+        keep = (current_prompt or "").strip() not in app.known_prompts()
+        image = app.preview(new_subject)
+        return gr.update() if keep else offered, gr.update(value=image, visible=image is not None)
+
+    @_readable_errors
+    def on_refresh():
+        lines, problems = app.refresh()
+        for problem in problems:
+            gr.Warning(f"skipped {problem}")
+        choices = app.subject_choices()
+        return (gr.update(choices=choices), gr.update(choices=choices),
+                app.status_text("; ".join(lines) or "library unchanged"))
+
+    inputs = [w[k] for k in ("subject", "prompt", "negative", "strength", "mix_subject", "mix_strength", "steps",
+                             "guidance", "seed", "randomize", "num_images", "width", "height")]
+    w["run"].click(generate, inputs, [w["gallery"], w["seed_used"], w["status"]], api_name="generate")
+    w["subject"].change(on_subject_change, [w["subject"], w["prompt"]], [w["prompt"], w["preview"]],
+                        api_visibility="private", queue=False)
+    w["refresh"].click(on_refresh, None, [w["subject"], w["mix_subject"], w["status"]], api_name="refresh")
 
 
 def is_loopback(host: str) -> bool:
@@ -235,15 +268,20 @@ class RunningApp:
     url: str
     resident: ResidentPipeline
     library: AdapterLibrary
+    jobs: JobQueue | None = None
 
     def close(self) -> None:
+        if self.jobs is not None:
+            self.jobs.close()
         self.demo.close()
 
 
 def serve(base: str, adapters_dir: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           share: bool = False, device: str | None = None, dtype: str | None = None, fuse: bool = False,
-          max_queue: int = DEFAULT_MAX_QUEUE, block: bool = True, allow_pickle: bool = False) -> RunningApp:
-    """Load the base once, load the library's adapters, launch the app.
+          max_queue: int = DEFAULT_MAX_QUEUE, block: bool = True, allow_pickle: bool = False, train: bool = True,
+          train_defaults: dict[str, Any] | None = None) -> RunningApp:
+    """Load the base once, load the library's adapters, launch the app (with a Train tab unless ``train`` is off;
+    ``train_defaults``: TrainConfig values for its jobs, e.g. from ``--train-config``).
 
     With ``block=False`` it returns the :class:`RunningApp` right after launch (the server runs in a background
     thread; call ``close()``); otherwise it serves until interrupted.
@@ -261,20 +299,28 @@ def serve(base: str, adapters_dir: str | Path, *, host: str = DEFAULT_HOST, port
     if not report.loaded:
         log.warning("no usable adapters in '%s' yet: train some into sub-folders there, then press Refresh",
                     library.folder)
-    demo = build_app(resident, library)
+    jobs = None
+    if train:
+        from lora_dreambooth.serve.jobs import JobQueue
+
+        jobs = JobQueue(library.folder, base, defaults={"resolution": resident.native_size(), **(train_defaults or {})})
+    demo = build_app(resident, library, jobs=jobs)
     demo.queue(max_size=max_queue, default_concurrency_limit=1)
     try:
         _, local_url, share_url = demo.launch(
             server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True, show_error=False,
             ssr_mode=False, enable_monitoring=False, pwa=False, mcp_server=False, footer_links=["api"],
+            max_file_size=MAX_UPLOAD_BYTES,
         )
     except OSError as exc:
+        if jobs is not None:
+            jobs.close()
         raise UserInputError(f"cannot listen on {host}:{port} ({exc}); pick another --port") from None
     url = share_url or local_url
     log.info("serving %d subjects (%s) on %s", len(resident.names), ", ".join(resident.names) or "none", local_url)
     if share_url:
         log.info("public link: %s", share_url)
-    running = RunningApp(demo=demo, url=url, resident=resident, library=library)
+    running = RunningApp(demo=demo, url=url, resident=resident, library=library, jobs=jobs)
     if block:
         try:
             demo.block_thread()

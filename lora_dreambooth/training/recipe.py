@@ -34,11 +34,12 @@ from lora_dreambooth.training.lowmem import plan_for_base, quantize_frozen
 from lora_dreambooth.training.objective import DreamBoothObjective
 from lora_dreambooth.training.optim import SkippedSteps, build_lr_scheduler, build_optimizer
 from lora_dreambooth.training.priors import prepare_class_images
+from lora_dreambooth.training.progress import ProgressLog
 from lora_dreambooth.training.prompts import PromptTable
-from lora_dreambooth.training.runtime import (WEIGHT_DTYPES, StopOnSignals, auto_mixed_precision, check_output_folder,
-                                              check_resume_matches, divergence_error, make_accelerator, params_digest,
-                                              progress_bar, warn_skipped_steps)
-from lora_dreambooth.training.validation import (validation_due, validation_prompts, write_sample_images,
+from lora_dreambooth.training.runtime import (WEIGHT_DTYPES, StopOnSignals, apply_prediction_type, auto_mixed_precision,
+                                              check_output_folder, check_resume_matches, divergence_error,
+                                              make_accelerator, params_digest, progress_bar, warn_skipped_steps)
+from lora_dreambooth.training.validation import (grid_path, validation_due, validation_prompts, write_sample_images,
                                                  write_validation_grid)
 from lora_dreambooth.version import __version__
 
@@ -106,12 +107,7 @@ class DreamBoothRecipe:
         """Warn about subject tokens the tokenizer splits or knows well; apply --prediction-type."""
         if self.accelerator.is_main_process:
             check_tokens(self.base.tokenizer, [s.token for s in self.subjects])
-        scheduler = self.base.noise_scheduler
-        wanted, native = self.cfg.prediction_type, scheduler.config.prediction_type
-        if wanted and wanted != native:
-            log.warning("--prediction-type %s differs from the base scheduler's %s: generate with a scheduler "
-                        "configured for %s", wanted, native, wanted)
-            scheduler.register_to_config(prediction_type=wanted)
+        apply_prediction_type(self.base.noise_scheduler, self.cfg.prediction_type)
 
     def _prepare_class_images(self) -> list:
         """Class images of every class prompt (subjects of one class share them), generated where missing."""
@@ -234,7 +230,8 @@ class DreamBoothRecipe:
         loss_sum = torch.zeros((), device=self.device)
         first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
         last_loss, window_start = None, time.perf_counter()
-        signals = StopOnSignals(self._request_stop, lambda: self.stop_requested)
+        self.progress = ProgressLog(cfg.progress_file, self.total_steps, self.start_step, enabled=acc.is_main_process)
+        signals = StopOnSignals(lambda: setattr(self, "stop_requested", True), lambda: self.stop_requested)
         with signals, bar:  # the bar closes (ends its line) before any error is printed
             for step in range(self.start_step, self.total_steps):
                 for micro in range(cfg.gradient_accumulation):
@@ -254,15 +251,14 @@ class DreamBoothRecipe:
                     self._validate(done)
                 if self.stop_requested:
                     self._checkpoint(done, first_bad)
-                    bar.close()
-                    return TrainResult(None, done, self.total_steps, last_loss, interrupted=True,
-                                       skipped_steps=warn_skipped_steps(self._skipped_steps(), done - self.start_step))
-        bar.close()
-        return TrainResult(None, self.total_steps, self.total_steps, last_loss,
-                           skipped_steps=warn_skipped_steps(self._skipped_steps(), self.total_steps - self.start_step))
+                    return self._result(bar, done, last_loss, interrupted=True)
+        return self._result(bar, self.total_steps, last_loss)
 
-    def _request_stop(self) -> None:
-        self.stop_requested = True
+    def _result(self, bar: Any, done: int, last_loss: float | None, interrupted: bool = False) -> TrainResult:
+        bar.close()  # before any warning, so that it starts on a line of its own
+        self.progress.write(done, event="interrupted" if interrupted else "done", loss=last_loss)
+        skipped = warn_skipped_steps(self._skipped_steps(), done - self.start_step)
+        return TrainResult(None, done, self.total_steps, last_loss, interrupted=interrupted, skipped_steps=skipped)
 
     def _micro_step(self, micro_index: int) -> torch.Tensor:
         """One micro-batch: its data and noise, the training step (eager or graph-replayed), the schedule."""
@@ -316,6 +312,7 @@ class DreamBoothRecipe:
         self.accelerator.log({"loss": loss, "lr": lr}, step=done)
         rate = steps / max(time.perf_counter() - since, 1e-9)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", its=f"{rate:.2f}")
+        self.progress.write(done, loss=loss, lr=lr)
         return loss
 
     def _checkpoint(self, done: int, first_bad: torch.Tensor) -> None:
@@ -337,6 +334,7 @@ class DreamBoothRecipe:
                               self.out, done, seed=cfg.seed, size=cfg.resolution,
                               inference_steps=cfg.validation_inference_steps, device=self.device,
                               accelerator=self.accelerator)
+        self.progress.validation(done, grid_path(self.out, done))
 
     # -- save -------------------------------------------------------------------------------------------------
     def save(self, result: TrainResult) -> TrainResult:

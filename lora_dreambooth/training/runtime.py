@@ -160,3 +160,12 @@ def warn_skipped_steps(skipped: int, steps: int) -> int:
         log.warning("fp16 loss scaling skipped %d of %d optimizer steps (gradients overflowed); a few at the "
                     "start are normal, many mean the run is unstable: try --mixed-precision bf16", skipped, steps)
     return skipped
+
+
+def apply_prediction_type(scheduler, wanted: str | None) -> None:
+    """--prediction-type: train for `wanted` (epsilon / v_prediction) even where the base's scheduler says otherwise."""
+    native = scheduler.config.prediction_type
+    if wanted and wanted != native:
+        log.warning("--prediction-type %s differs from the base scheduler's %s: generate with a scheduler "
+                    "configured for %s", wanted, native, wanted)
+        scheduler.register_to_config(prediction_type=wanted)

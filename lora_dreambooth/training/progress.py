@@ -1,0 +1,45 @@
+"""Machine-readable training progress: one JSON object per line in ``progress_file`` (the app's jobs read it).
+
+Each record: ``{"step", "total_steps", "loss", "lr", "eta_s", "elapsed_s", "event"}`` plus ``validation_image``
+after a validation grid. Lines are appended and flushed whole, so a reader never sees half a record except the
+last line while it is written (readers skip a line that does not parse). Only the main process writes.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+class ProgressLog:
+    """Appends progress records to a file; a no-op when no file is configured (or on other ranks)."""
+
+    def __init__(self, path: str | Path | None, total_steps: int, start_step: int = 0, *, enabled: bool = True):
+        self.path = Path(path) if path and enabled else None
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.started = time.perf_counter()
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.write(start_step, event="start")
+
+    def eta(self, step: int) -> float | None:
+        """Seconds left at the mean rate since this run (or resume) started."""
+        done = step - self.start_step
+        if done <= 0:
+            return None
+        return (time.perf_counter() - self.started) / done * (self.total_steps - step)
+
+    def write(self, step: int, *, event: str = "step", loss: float | None = None, lr: float | None = None,
+              **extra: Any) -> None:
+        """Append one record (``event``: start, step, validation, interrupted, done)."""
+        if self.path is None:
+            return
+        record = {"event": event, "step": step, "total_steps": self.total_steps, "loss": loss, "lr": lr,
+                  "eta_s": self.eta(step), "elapsed_s": round(time.perf_counter() - self.started, 3), **extra}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def validation(self, step: int, image: str | Path) -> None:
+        self.write(step, event="validation", validation_image=str(image))
