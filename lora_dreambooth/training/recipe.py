@@ -31,14 +31,16 @@ from lora_dreambooth.training.checkpoints import (check_resume_compatible, insta
                                                   read_checkpoint_state, save_checkpoint)
 from lora_dreambooth.training.graph import (CudaGraphStep, checkpoint_without_rng_state, compile_in_place,
                                             make_optimizer_capturable)
-from lora_dreambooth.training.lowmem import plan_for_base, quantize_frozen
+from lora_dreambooth.training.lowmem import quantize_frozen
 from lora_dreambooth.training.objective import DreamBoothObjective
 from lora_dreambooth.training.optim import build_lr_scheduler, build_optimizer
+from lora_dreambooth.training.phases import PhaseClock, loop_phases
 from lora_dreambooth.training.priors import prepare_class_images
 from lora_dreambooth.training.prompts import PromptTable
 from lora_dreambooth.training.runtime import (WEIGHT_DTYPES, StopOnSignals, auto_mixed_precision, check_output_folder,
                                               check_resume_matches, divergence_error, make_accelerator, params_digest,
                                               progress_bar, warn_skipped_steps)
+from lora_dreambooth.training.startup import base_placement, latent_batch_size, plan_before_loading
 from lora_dreambooth.training.validation import (validation_due, validation_prompts, write_sample_images,
                                                  write_validation_grid)
 from lora_dreambooth.version import __version__
@@ -86,23 +88,27 @@ class DreamBoothRecipe:
         log.info("process %d/%d on %s", self.accelerator.process_index, self.accelerator.num_processes, self.device)
         self.weight_dtype = WEIGHT_DTYPES[self.cfg.mixed_precision]
         self.total_steps = self.cfg.total_steps(len(self.instance))
-        self.base = load_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle)
-        self._adapt_to_base()
-        self.plan = plan_for_base(self.cfg, self.base, device=self.device, num_processes=self.accelerator.num_processes)
+        self.clock = PhaseClock(self.device)
+        self.plan = self._choose_plan()  # from the base's configs: where its weights load depends on it
         if self.accelerator.is_main_process:
             log.info(self.plan.describe())
+        where = dict(allow_pickle=self.cfg.allow_pickle, **base_placement(self.plan, self.device, self.weight_dtype))
+        self.base = self.clock.run("base load", lambda: load_base(self.cfg.base, **where))  # to the GPU, once
+        self._adapt_to_base()
         self.use_prior = self.cfg.prior and self.cfg.prior_weight > 0
         self.model_prior = self.use_prior and self.cfg.prior_mode == "model"  # no class images: the base is the prior
-        self.class_examples = self._prepare_class_images() if self.use_prior and not self.model_prior else []
-        self._prepare_text()
-        self._cache_latents()
-        self._inject_adapters()
-        self._prepare_optimization()
-        self._maybe_resume()
-        self._prepare_step_runner()
+        self.class_examples = (self.clock.run("class images", self._prepare_class_images)
+                               if self.use_prior and not self.model_prior else [])
+        self.clock.run("text + latent caching", self._prepare_text, self._cache_latents)
+        self.clock.run("adapters + optimizer", self._inject_adapters, self._prepare_optimization, self._maybe_resume,
+                       self._prepare_step_runner)
 
     def _make_accelerator(self):
         return make_accelerator(self.cfg, self.out)
+
+    def _choose_plan(self):
+        return plan_before_loading(self.cfg, resolve_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle),
+                                   device=self.device, num_processes=self.accelerator.num_processes)
 
     def _adapt_to_base(self) -> None:
         """Warn about subject tokens the tokenizer splits or knows well; apply --prediction-type."""
@@ -147,9 +153,8 @@ class DreamBoothRecipe:
                                     use_prior=self.use_prior, model_prior=self.model_prior,
                                     num_train_timesteps=self.base.noise_scheduler.config.num_train_timesteps)
         vae = self.base.vae.to(self.device, torch.float32)
-        vae.use_slicing = self.plan.profile != "plain"  # one image at a time: same latents, a 512 px batch of 8
-        #                                                  peaks at 6.3 GiB, one image at under 1 GiB
-        self.batches.cache_latents(vae, self.base.unet)
+        self.batches.cache_latents(vae, self.base.unet,  # batches that fit the memory the plan leaves
+                                   batch_size=latent_batch_size(self.plan, self.device, self.cfg.resolution))
         self.base.vae.to("cpu")
 
     def _inject_adapters(self) -> None:
@@ -233,6 +238,8 @@ class DreamBoothRecipe:
         first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
         last_loss, window_start = None, time.perf_counter()
         signals = StopOnSignals(self._request_stop, lambda: self.stop_requested)
+        phases = loop_phases(self.clock, bar, self.plan, graph_warmup=GRAPH_WARMUP_STEPS,
+                             accumulation=cfg.gradient_accumulation, steps=(self.start_step, self.total_steps))
         with signals, bar:  # the bar closes (ends its line) before any error is printed
             for step in range(self.start_step, self.total_steps):
                 for micro in range(cfg.gradient_accumulation):
@@ -245,6 +252,7 @@ class DreamBoothRecipe:
                     last_loss = self._report(loss_sum, first_bad, done, bar, window_start)
                     loss_sum.zero_()
                     window_start = time.perf_counter()
+                phases.step_done(done)
                 bar.update(1)
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < self.total_steps:
                     self._checkpoint(done, first_bad)
@@ -253,9 +261,11 @@ class DreamBoothRecipe:
                 if self.stop_requested:
                     self._checkpoint(done, first_bad)
                     bar.close()
+                    phases.finish()
                     return TrainResult(None, done, self.total_steps, last_loss, interrupted=True,
                                        skipped_steps=warn_skipped_steps(self.skipped_steps, done - self.start_step))
         bar.close()
+        phases.finish()
         return TrainResult(None, self.total_steps, self.total_steps, last_loss,
                            skipped_steps=warn_skipped_steps(self.skipped_steps, self.total_steps - self.start_step))
 
@@ -328,10 +338,17 @@ class DreamBoothRecipe:
     # -- save -------------------------------------------------------------------------------------------------
     def save(self, result: TrainResult) -> TrainResult:
         """Write the adapter (diffusers layout + metadata), `train_config.toml`, and optional sample images."""
-        acc, cfg = self.accelerator, self.cfg
+        acc = self.accelerator
         acc.wait_for_everyone()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("rank %d adapter sha256 %s", acc.process_index, params_digest(self.params))
+        self.clock.run("save", lambda: self._write_outputs(result))
+        acc.end_training()
+        self.clock.log_summary(acc.is_main_process)
+        return result
+
+    def _write_outputs(self, result: TrainResult) -> None:
+        acc, cfg = self.accelerator, self.cfg
         if acc.is_main_process:
             unet = acc.unwrap_model(self.unet)
             te = acc.unwrap_model(self.text_encoder) if self.text_encoder is not None else None
@@ -342,8 +359,6 @@ class DreamBoothRecipe:
                 write_sample_images(self.base, list(cfg.sample_prompts), self.out / "samples.png", device=self.device,
                                     seed=cfg.seed, size=cfg.resolution)
             finish_adapter_folder(result.adapter_path, self.summary(result.steps_done), export=cfg.export)
-        acc.end_training()
-        return result
 
     def summary(self, steps_done: int) -> dict[str, Any]:
         """Our metadata block: what a user (or the app) needs to know about this adapter."""
