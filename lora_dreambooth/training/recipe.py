@@ -89,7 +89,7 @@ class DreamBoothRecipe:
         self.weight_dtype = WEIGHT_DTYPES[self.cfg.mixed_precision]
         self.total_steps = self.cfg.total_steps(len(self.instance))
         self.clock = PhaseClock(self.device)
-        self.plan = self._choose_plan()  # from the base's configs: where its weights load depends on it
+        self.plan = self.clock.run("imports + plan", self._choose_plan)  # where the weights go depends on it
         if self.accelerator.is_main_process:
             log.info(self.plan.describe())
         where = dict(allow_pickle=self.cfg.allow_pickle, **base_placement(self.plan, self.device, self.weight_dtype))
