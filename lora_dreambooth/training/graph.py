@@ -22,6 +22,8 @@ import torch
 log = logging.getLogger(__name__)
 
 StepFunction = Callable[..., torch.Tensor]
+# as the user set it: inductor itself writes its default (/tmp/torchinductor_USER) into the environment later
+_USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 
 
 class _CapturedStep:
@@ -153,7 +155,7 @@ def compile_cache_dir() -> Path:
     `~/.cache/lora-dreambooth`, beside the class images), unless `TORCHINDUCTOR_CACHE_DIR` is set."""
     from lora_dreambooth.training.priors import default_cache_root
 
-    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_root() / "torch-compile")
+    return Path(_USER_INDUCTOR_CACHE or default_cache_root() / "torch-compile")
 
 
 def compile_in_place(module: torch.nn.Module, *, mode: str | None = None, regional: bool = True) -> torch.nn.Module:

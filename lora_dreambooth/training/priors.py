@@ -5,10 +5,12 @@ import hashlib
 import json
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -120,29 +122,36 @@ def generate_class_images(pipeline_factory: Callable[[], object], plan: ClassIma
     factor = pipe.vae_scale_factor
     shape = (pipe.unet.config.in_channels, resolution // factor, resolution // factor)
     size = batch_size or fitted_batch_size(len(plan.missing_indices), DENOISE_BYTES_PER_IMAGE, device, resolution)
-    pending, done, writes = list(plan.missing_indices), 0, []
+    pending, done, writes, spent = list(plan.missing_indices), 0, [], {"denoising": 0.0, "decoding": 0.0}
+    started = time.perf_counter()
     writer = ThreadPoolExecutor(max_workers=4)  # PNG encoding overlaps the next batch's denoising
     try:
         done = _generate_batches(pipe, plan, pending, size, writer, writes, prompt=prompt, resolution=resolution,
-                                 steps=steps, seed=seed, shape=shape, progress=progress)
+                                 steps=steps, seed=seed, shape=shape, progress=progress, spent=spent)
+        waited = time.perf_counter()
     finally:
         writer.shutdown(wait=True)
     for write in writes:
         write.result()  # a failed write raises here
+    log.info("class images: %d in %.1f s (batches of up to %d, %d steps; denoising %.1f s, decoding %.1f s, "
+             "writing %.1f s after the last batch)", done, time.perf_counter() - started, size, steps,
+             spent["denoising"], spent["decoding"], time.perf_counter() - waited)
     return done
 
 
 def _generate_batches(pipe, plan: ClassImagePlan, pending: list[int], size: int, writer, writes: list, *,
                       prompt: str, resolution: int, steps: int, seed: int, shape: tuple[int, int, int],
-                      progress: Callable[[int], None] | None) -> int:
+                      progress: Callable[[int], None] | None, spent: dict[str, float]) -> int:
     device, done = pipe.unet.device, 0
     while pending:
         chunk = pending[:size]
         try:
-            latents = pipe(prompt=[prompt] * len(chunk), height=resolution, width=resolution,
-                           num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, output_type="latent",
-                           latents=initial_latents(chunk, seed, shape).to(device, pipe.unet.dtype)).images
-            images = decode_latents(pipe, latents)
+            with _timed(spent, "denoising", device):
+                latents = pipe(prompt=[prompt] * len(chunk), height=resolution, width=resolution,
+                               num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, output_type="latent",
+                               latents=initial_latents(chunk, seed, shape).to(device, pipe.unet.dtype)).images
+            with _timed(spent, "decoding", device):
+                images = decode_latents(pipe, latents)
         except torch.cuda.OutOfMemoryError:
             if size == 1:
                 raise
@@ -157,6 +166,15 @@ def _generate_batches(pipe, plan: ClassImagePlan, pending: list[int], size: int,
         if progress:
             progress(len(chunk))
     return done
+
+
+@contextmanager
+def _timed(spent: dict[str, float], name: str, device: torch.device) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    spent[name] += time.perf_counter() - start
 
 
 def _write_png(image, path: Path) -> None:
