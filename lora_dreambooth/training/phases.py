@@ -126,8 +126,10 @@ class LoopPhases:
             bar.set_description("train (" + warm_name + ")")
 
     def step_done(self, done: int) -> None:
-        """After optimizer step `done` (1-based) was queued: pace the host, end the warm-up phase when it is over."""
+        """After optimizer step `done` (1-based) was queued: pace the host, advance the bar, and end the warm-up
+        phase when it is over (the bar's rate then starts afresh)."""
         self.pacer.step_done()
+        self.bar.update(1)
         if done == self.warm_until:
             self.clock._sync()
             now = time.perf_counter()

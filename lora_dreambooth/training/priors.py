@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from lora_dreambooth.config import TrainConfig
+from lora_dreambooth.config import TrainConfig, parse_size
 from lora_dreambooth.data.examples import Example, load_examples
 from lora_dreambooth.files.atomic import atomic_path, write_text_atomic
 
@@ -93,17 +93,19 @@ MAX_BATCH = 32  # beyond this an H200 gains nothing
 
 
 def fitted_batch_size(count: int, per_image_bytes: float, device: torch.device, resolution: int,
-                      cap: int = MAX_BATCH) -> int:
-    """The largest batch (up to `cap`) predicted to fit half the device's free memory, balanced over `count`.
-
-    On a CPU: `cap`. Balanced means 100 images at a cap of 32 run as 4 batches of 25, not 32+32+32+4.
-    """
+                      cap: int = MAX_BATCH, max_bytes: int | None = None) -> int:
+    """The largest batch (up to `cap`) predicted to fit half the free memory (and `max_bytes` in all, e.g.
+    --max-vram), balanced over `count`. On a CPU: `cap`. Balanced means 100 images at a cap of 32 run as 4 batches
+    of 25, not 32+32+32+4."""
     if count <= 0:
         return 1
     limit = cap
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        limit = max(1, min(cap, int(0.5 * free / (per_image_bytes * (resolution / 512) ** 2))))
+        budget = 0.5 * free
+        if max_bytes is not None:
+            budget = min(budget, max_bytes - torch.cuda.memory_allocated(device))
+        limit = max(1, min(cap, int(budget / (per_image_bytes * (resolution / 512) ** 2))))
     batches = -(-count // limit)
     return -(-count // batches)
 
@@ -111,23 +113,25 @@ def fitted_batch_size(count: int, per_image_bytes: float, device: torch.device, 
 @torch.no_grad()
 def generate_class_images(pipeline_factory: Callable[[], object], plan: ClassImagePlan, *, prompt: str,
                           resolution: int, steps: int, seed: int, batch_size: int | None = None,
-                          progress: Callable[[int], None] | None = None) -> int:
+                          progress: Callable[[int], None] | None = None, max_bytes: int | None = None) -> int:
     """Generate the images of `plan.missing_indices` (index i starts from the noise of seed + i), each written
-    atomically. Batches as large as memory allows (`batch_size` forces one); a batch that runs out of memory is
-    split in two and retried, which changes no picture."""
+    atomically. Batches as large as memory (and `max_bytes` in all) allows, `batch_size` forces one; a batch that
+    runs out of memory is split in two and retried, which changes no picture."""
     if not plan.missing_indices:
         return 0
     pipe = pipeline_factory()
     device = pipe.unet.device
     factor = pipe.vae_scale_factor
     shape = (pipe.unet.config.in_channels, resolution // factor, resolution // factor)
-    size = batch_size or fitted_batch_size(len(plan.missing_indices), DENOISE_BYTES_PER_IMAGE, device, resolution)
+    size = batch_size or fitted_batch_size(len(plan.missing_indices), DENOISE_BYTES_PER_IMAGE, device, resolution,
+                                           max_bytes=max_bytes)
     pending, done, writes, spent = list(plan.missing_indices), 0, [], {"denoising": 0.0, "decoding": 0.0}
     started = time.perf_counter()
     writer = ThreadPoolExecutor(max_workers=4)  # PNG encoding overlaps the next batch's denoising
     try:
         done = _generate_batches(pipe, plan, pending, size, writer, writes, prompt=prompt, resolution=resolution,
-                                 steps=steps, seed=seed, shape=shape, progress=progress, spent=spent)
+                                 steps=steps, seed=seed, shape=shape, progress=progress, spent=spent,
+                                 max_bytes=max_bytes)
         waited = time.perf_counter()
     finally:
         writer.shutdown(wait=True)
@@ -141,7 +145,7 @@ def generate_class_images(pipeline_factory: Callable[[], object], plan: ClassIma
 
 def _generate_batches(pipe, plan: ClassImagePlan, pending: list[int], size: int, writer, writes: list, *,
                       prompt: str, resolution: int, steps: int, seed: int, shape: tuple[int, int, int],
-                      progress: Callable[[int], None] | None, spent: dict[str, float]) -> int:
+                      progress: Callable[[int], None] | None, spent: dict[str, float], max_bytes: int | None) -> int:
     device, done = pipe.unet.device, 0
     while pending:
         chunk = pending[:size]
@@ -151,7 +155,7 @@ def _generate_batches(pipe, plan: ClassImagePlan, pending: list[int], size: int,
                                num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, output_type="latent",
                                latents=initial_latents(chunk, seed, shape).to(device, pipe.unet.dtype)).images
             with _timed(spent, "decoding", device):
-                images = decode_latents(pipe, latents)
+                images = decode_latents(pipe, latents, max_bytes=max_bytes)
         except torch.cuda.OutOfMemoryError:
             if size == 1:
                 raise
@@ -183,14 +187,14 @@ def _write_png(image, path: Path) -> None:
 
 
 @torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor) -> list:
+def decode_latents(pipe, latents: torch.Tensor, *, max_bytes: int | None = None) -> list:
     """Decode in batches that fit memory, under bf16 autocast when the UNet ran in bf16 (the VAE itself stays fp32
     for training: autocast rounds copies, never its weights); fp16 would overflow SD's VAE, so it decodes in fp32."""
     vae = pipe.vae
     device = latents.device
     fast = device.type == "cuda" and pipe.unet.dtype == torch.bfloat16
     size = fitted_batch_size(latents.shape[0], DECODE_BYTES_PER_IMAGE / (2 if fast else 1), device,
-                             latents.shape[-1] * pipe.vae_scale_factor)
+                             latents.shape[-1] * pipe.vae_scale_factor, max_bytes=max_bytes)
     images = []
     for start in range(0, latents.shape[0], size):
         chunk = latents[start:start + size].to(vae.dtype) / vae.config.scaling_factor
@@ -251,7 +255,8 @@ def prepare_class_images(base, accelerator, cfg: TrainConfig, *, prompt: str, cl
         base.text_encoder.to(device, weight_dtype)
         base.vae.to(device, torch.float32)  # never rounded: the same VAE then encodes the latents
         generate_class_images(base.pipeline, plan, prompt=prompt, resolution=cfg.resolution,
-                              steps=cfg.class_inference_steps, seed=cfg.seed * 7919 + 1)
+                              steps=cfg.class_inference_steps, seed=cfg.seed * 7919 + 1,
+                              max_bytes=parse_size(cfg.max_vram, option="--max-vram") if cfg.max_vram else None)
         if offload_after:
             for model in (base.unet, base.text_encoder, base.vae):
                 model.to("cpu")

@@ -154,7 +154,7 @@ class DreamBoothRecipe:
                                     num_train_timesteps=self.base.noise_scheduler.config.num_train_timesteps)
         vae = self.base.vae.to(self.device, torch.float32)
         self.batches.cache_latents(vae, self.base.unet,  # batches that fit the memory the plan leaves
-                                   batch_size=latent_batch_size(self.plan, self.device, self.cfg.resolution))
+                                   batch_size=latent_batch_size(self.cfg, self.plan, self.device))
         self.base.vae.to("cpu")
 
     def _inject_adapters(self) -> None:
@@ -252,8 +252,7 @@ class DreamBoothRecipe:
                     last_loss = self._report(loss_sum, first_bad, done, bar, window_start)
                     loss_sum.zero_()
                     window_start = time.perf_counter()
-                phases.step_done(done)
-                bar.update(1)
+                phases.step_done(done)  # paces the host, advances the bar
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < self.total_steps:
                     self._checkpoint(done, first_bad)
                 if validation_due(cfg.validation_every, done) and acc.is_main_process:

@@ -45,17 +45,18 @@ def base_placement(plan: ExecutionPlan, device: torch.device, weight_dtype: torc
     return {"device": device, "dtype": weight_dtype}
 
 
-def latent_batch_size(plan: ExecutionPlan, device: torch.device, resolution: int) -> int:
-    """Images per VAE-encoding batch: as many as fit the memory the run may use, so caching never peaks above it.
+def latent_batch_size(cfg: TrainConfig, plan: ExecutionPlan, device: torch.device) -> int:
+    """Images per VAE-encoding batch: as many as fit the memory the run may use.
 
-    The budget is the plan's predicted peak for the low-memory profile (then usually 1 image, as VAE slicing did)
-    and half the free memory otherwise. On a CPU: 8, the old default.
+    Half the free memory, unless the user bounded the run's memory (the low-memory profile, or --max-vram): then
+    caching stays under the plan's predicted loop peak (usually 1 image at a time, as VAE slicing did). On a CPU:
+    8, the old default.
     """
     if device.type != "cuda":
         return 8
-    per_image = ENCODE_BYTES_PER_IMAGE * (resolution / 512) ** 2
+    per_image = ENCODE_BYTES_PER_IMAGE * (cfg.resolution / 512) ** 2
     free, _ = torch.cuda.mem_get_info(device)
     budget = 0.5 * free
-    if plan.quantize and plan.predicted_bytes:
+    if (plan.quantize or cfg.max_vram) and plan.predicted_bytes:
         budget = min(budget, plan.predicted_bytes - torch.cuda.memory_allocated(device))
     return max(1, min(MAX_ENCODE_BATCH, int(budget // per_image)))
