@@ -126,14 +126,17 @@ def resolve_base(base: str, *, allow_pickle: bool = False) -> str:
     return base
 
 
-def load_base(base: str, *, allow_pickle: bool = False) -> BaseModel:
-    """Load tokenizer, text encoder, UNet, VAE and the DDPM noise scheduler of an SD v1.x base in fp32 on the CPU.
+def load_base(base: str, *, allow_pickle: bool = False, device: torch.device | str | None = None,
+              dtype: torch.dtype | None = None) -> BaseModel:
+    """Load tokenizer, text encoder, UNet, VAE and the DDPM noise scheduler of an SD v1.x base.
 
     `base` is a diffusers folder, a hub id, or a single-file checkpoint (A1111 / Civitai `.safetensors`; `.ckpt`
     with ``allow_pickle``) read by diffusers' single-file loader with the SD v1 configs shipped in the package.
 
-    Callers move and cast afterwards (the recipe decides devices and dtypes). A hub id that cannot be reached
-    fails with one line instead of a long connection traceback.
+    By default in fp32 on the CPU (callers move and cast afterwards). With `device`/`dtype` the weights go from
+    the files straight to the device, the UNet and text encoder in `dtype` (cast once while loading), the VAE in
+    fp32 (it encodes the training latents). A hub id that cannot be reached fails with one line instead of a long
+    connection traceback.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -143,12 +146,17 @@ def load_base(base: str, *, allow_pickle: bool = False) -> BaseModel:
     if is_single_file(location) and Path(location).is_file():
         return _frozen(BaseModel(base=base, **load_single_file_components(Path(location))))
     use_safetensors = None if allow_pickle else True
+    placed = {"device_map": {"": torch.device(device)}} if device is not None else {}
+    te_cast = {"dtype": dtype} if dtype is not None else {}  # transformers' name for it
+    unet_cast = {"torch_dtype": dtype} if dtype is not None else {}  # diffusers' name
     try:
         tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
         noise_scheduler = DDPMScheduler.from_pretrained(location, subfolder="scheduler")
-        text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", use_safetensors=use_safetensors)
-        unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", use_safetensors=use_safetensors)
-        vae = AutoencoderKL.from_pretrained(location, subfolder="vae", use_safetensors=use_safetensors)
+        text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder",
+                                                     use_safetensors=use_safetensors, **te_cast, **placed)
+        unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", use_safetensors=use_safetensors,
+                                                    **unet_cast, **placed)
+        vae = AutoencoderKL.from_pretrained(location, subfolder="vae", use_safetensors=use_safetensors, **placed)
     except UserInputError:
         raise
     except Exception as exc:  # network, missing files, wrong layout: one line for the user

@@ -145,7 +145,8 @@ class Shard:
     gather: Callable[[torch.Tensor], torch.Tensor]
 
 
-def _encode_sharded(vae: torch.nn.Module, pixels: torch.Tensor, seed: int, shard: Shard | None) -> torch.Tensor:
+def _encode_sharded(vae: torch.nn.Module, pixels: torch.Tensor, seed: int, shard: Shard | None,
+                    batch_size: int = 8) -> torch.Tensor:
     """Encode this rank's slice (all of it without a shard) with per-image generators, then gather."""
     n = pixels.shape[0]
     rank, world = (shard.rank, shard.world) if shard else (0, 1)
@@ -154,7 +155,7 @@ def _encode_sharded(vae: torch.nn.Module, pixels: torch.Tensor, seed: int, shard
     device = next(vae.parameters()).device
     generators = [torch.Generator(device=device).manual_seed(seed * 1_000_003 + i) for i in range(start, stop)]
     log.debug("rank %d encodes latents of images %d-%d of %d", rank, start, stop, n)
-    local = encode_latents(vae, pixels[start:stop], generator=generators) if stop > start else None
+    local = encode_latents(vae, pixels[start:stop], generator=generators, batch_size=batch_size) if stop > start else None
     if shard is None or world == 1:
         return local
     shape = (per_rank, *(local.shape[1:] if local is not None else _latent_shape(vae, pixels)))
@@ -175,13 +176,15 @@ class LatentCache:
     With a `shard`, each process encodes only its contiguous slice of the examples and the slices are gathered,
     so every rank ends up with all latents while the VAE work is split. Each image's posterior sample comes
     from its own generator (seed, index, orientation): the latents do not depend on how the work was split.
+    `batch_size` images go through the VAE at a time (the caller sizes it to the free memory).
     """
 
     def __init__(self, vae: torch.nn.Module, examples: list[Example], resolution: int, *, flip: bool,
-                 seed: int, device: torch.device | str, shard: Shard | None = None):
+                 seed: int, device: torch.device | str, shard: Shard | None = None, batch_size: int = 8):
         pixels = torch.stack([to_pixels(e.image, resolution) for e in examples])
-        self.plain = _encode_sharded(vae, pixels, seed * 2, shard).to(device)
-        self.flipped = _encode_sharded(vae, pixels.flip(-1), seed * 2 + 1, shard).to(device) if flip else None
+        self.plain = _encode_sharded(vae, pixels, seed * 2, shard, batch_size).to(device)
+        self.flipped = (_encode_sharded(vae, pixels.flip(-1), seed * 2 + 1, shard, batch_size).to(device)
+                        if flip else None)
 
     def __len__(self) -> int:
         return self.plain.shape[0]

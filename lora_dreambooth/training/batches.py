@@ -51,18 +51,20 @@ class MicroBatches:
         self.class_latents = self.instance_masks = None
 
     # -- caching ------------------------------------------------------------------------------------------------
-    def cache_latents(self, vae: torch.nn.Module, unet: torch.nn.Module) -> None:
-        """Encode every image once (per aspect-ratio bucket with --buckets) and set up the samplers and masks."""
+    def cache_latents(self, vae: torch.nn.Module, unet: torch.nn.Module, *, batch_size: int = 8) -> None:
+        """Encode every image once (per aspect-ratio bucket with --buckets), `batch_size` images per VAE call, and
+        set up the samplers and masks."""
         cfg, place = self.cfg, self.place
         if cfg.buckets:
             self._cache_bucket_latents(vae, unet)
         else:
             shard = Shard(place.rank, place.world, place.gather) if place.world > 1 else None
             self.instance_latents = LatentCache(vae, self.instance, cfg.resolution, flip=cfg.flip, seed=cfg.seed,
-                                                device=place.device, shard=shard)
+                                                device=place.device, shard=shard, batch_size=batch_size)
             if self.class_examples:
                 self.class_latents = LatentCache(vae, self.class_examples, cfg.resolution, flip=cfg.flip,
-                                                 seed=cfg.seed + 1, device=place.device, shard=shard)
+                                                 seed=cfg.seed + 1, device=place.device, shard=shard,
+                                                 batch_size=batch_size)
             self.instance_sampler = EpochSampler(len(self.instance), cfg.batch_size, cfg.seed, cfg.flip,
                                                  place.rank, place.world)
         if self.class_examples:

@@ -113,3 +113,17 @@ def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], chec
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
         raise UserInputError(f"cannot resume from '{checkpoint}': options differ from the checkpoint ({details}); "
                              f"use the original options or start over with --overwrite")
+
+
+def resume_from_latest(accelerator: Any, output_dir: str | Path, config: dict[str, Any]) -> int:
+    """--resume: load the latest checkpoint of `output_dir` into `accelerator` (after checking that `config` may
+    continue it) and return its step; 0 (with a warning) when there is none."""
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is None:
+        log.warning("--resume: no checkpoint in '%s'; starting from step 0", output_dir)
+        return 0
+    state = read_checkpoint_state(checkpoint)
+    check_resume_compatible(state["config"], config, checkpoint)
+    accelerator.load_state(str(checkpoint))
+    log.info("resumed from '%s' at step %d", checkpoint, int(state["step"]))
+    return int(state["step"])

@@ -17,6 +17,8 @@ keeps its storage; write parameters, gradients and optimizer state in place. Pyt
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -24,6 +26,8 @@ import torch
 log = logging.getLogger(__name__)
 
 StepFunction = Callable[..., torch.Tensor]
+# as the user set it: inductor itself writes its default (/tmp/torchinductor_USER) into the environment later
+_USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 
 
 class _CapturedStep:
@@ -150,15 +154,36 @@ def checkpoint_without_rng_state(module: torch.nn.Module, *args, **kwargs):
                                              **kwargs)
 
 
-def compile_in_place(module: torch.nn.Module, *, mode: str | None = None) -> torch.nn.Module:
-    """`torch.compile` a module in place (`module.compile`), keeping its identity for peft, accelerate and saving.
+def compile_cache_dir() -> Path:
+    """Where torch.compile keeps compiled kernels between runs: the user cache folder (`$LORA_DREAMBOOTH_CACHE` or
+    `~/.cache/lora-dreambooth`, beside the class images), unless `TORCHINDUCTOR_CACHE_DIR` is set."""
+    from lora_dreambooth.training.priors import default_cache_root
+
+    return Path(_USER_INDUCTOR_CACHE or default_cache_root() / "torch-compile")
+
+
+def compile_in_place(module: torch.nn.Module, *, mode: str | None = None, regional: bool = True) -> torch.nn.Module:
+    """`torch.compile` a module in place, keeping its identity for peft, accelerate and saving.
+
+    With `regional` and a diffusers model that names its repeated blocks (the UNet's transformer blocks), only those
+    are compiled (`compile_repeated_blocks`): each distinct block shape compiles once and every block of that shape
+    reuses the code, instead of tracing the whole UNet. The compiler's caches live in :func:`compile_cache_dir`, so
+    a second run on the same machine loads the kernels instead of compiling them.
 
     Use the default mode (or "max-autotune-no-cudagraphs") under :class:`CudaGraphStep`: "reduce-overhead" brings
     its own CUDA graphs, which cannot nest inside ours.
     """
     if mode == "reduce-overhead":
         raise ValueError("mode 'reduce-overhead' captures its own CUDA graphs; use the default mode")
-    module.compile(mode=mode)
+    folder = compile_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)  # inductor reads it when it first compiles
+    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+    if regional and getattr(module, "_repeated_blocks", None):
+        module.compile_repeated_blocks(mode=mode)
+    else:
+        module.compile(mode=mode)
+    log.info("torch.compile (%s), kernels cached in '%s'", "repeated blocks" if regional else "whole model", folder)
     return module
 
 

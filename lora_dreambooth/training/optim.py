@@ -66,3 +66,22 @@ class SkippedSteps:
     def count(self) -> int:
         """Steps skipped so far (a device read: call it when reporting)."""
         return int(self.skipped.item()) if self.skipped is not None else 0
+
+
+def adapter_param_groups(cfg: Any, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, *,
+                         num_processes: int, with_prior: bool, log_it: bool = True) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: the UNet's adapter weights at --lr, the text encoder's (when trained) at
+    --text-encoder-lr; with --scale-lr both times the effective batch, which is logged either way."""
+    from lora_dreambooth.adapters import trainable_parameters
+
+    effective_batch = num_processes * cfg.batch_size * cfg.gradient_accumulation
+    lr_factor = effective_batch if cfg.scale_lr else 1
+    if log_it:
+        log.info("effective batch: %d process(es) x %d image(s) x %d accumulation = %d instance images per step%s; "
+                 "lr %g%s", num_processes, cfg.batch_size, cfg.gradient_accumulation, effective_batch,
+                 " (+ as many class images)" if with_prior else "", cfg.lr * lr_factor,
+                 f" (= {cfg.lr:g} x {effective_batch}, --scale-lr)" if cfg.scale_lr else " (not scaled; --scale-lr)")
+    groups = [{"params": trainable_parameters(unet), "lr": cfg.lr * lr_factor}]
+    if text_encoder is not None:
+        groups.append({"params": trainable_parameters(text_encoder), "lr": (cfg.text_encoder_lr or cfg.lr) * lr_factor})
+    return groups

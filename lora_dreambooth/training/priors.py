@@ -5,13 +5,16 @@ import hashlib
 import json
 import logging
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
-from lora_dreambooth.config import TrainConfig
+from lora_dreambooth.config import TrainConfig, parse_size
 from lora_dreambooth.data.examples import Example, load_examples
 from lora_dreambooth.files.atomic import atomic_path, write_text_atomic
 
@@ -27,8 +30,21 @@ def default_cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "lora-dreambooth"
 
 
-def default_class_dir(base: str, class_prompt: str, resolution: int) -> Path:
-    """A cache folder keyed by base model, class prompt and resolution.
+# How class images are made. Part of the cache key and the manifest: a cache made otherwise is never reused as if
+# equal. v2: initial noise drawn on the CPU per index (the same pictures on any device, batch size or process
+# count), DPM-Solver++ 2M, classifier-free guidance 7.5; v1 caches (device-side noise, any step count) are left alone.
+SAMPLER = "dpmsolver++2m"
+GUIDANCE_SCALE = 7.5
+GENERATION_VERSION = 2
+
+
+def generation_key(steps: int) -> str:
+    """The generation settings that decide the pictures, as recorded in the cache key and the manifest."""
+    return f"v{GENERATION_VERSION}-{SAMPLER}-{steps}steps-cfg{GUIDANCE_SCALE:g}"
+
+
+def default_class_dir(base: str, class_prompt: str, resolution: int, steps: int = 25) -> Path:
+    """A cache folder keyed by base model, class prompt, resolution and the generation settings.
 
     A single-file base is keyed by its content hash (SHA-256, hashed once per run), so a renamed or moved file
     reuses its class images and a different file under the same name does not.
@@ -38,7 +54,8 @@ def default_class_dir(base: str, class_prompt: str, resolution: int) -> Path:
     path = Path(base).expanduser()
     sha256 = base_identity(base).get("base_sha256")
     base_key = f"sha256:{sha256}" if sha256 else (str(path.resolve()) if path.exists() else base)
-    digest = hashlib.sha256(f"{base_key}\n{class_prompt}\n{resolution}".encode()).hexdigest()[:16]
+    key = f"{base_key}\n{class_prompt}\n{resolution}\n{generation_key(steps)}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     slug = "".join(c if c.isalnum() else "-" for c in class_prompt)[:40].strip("-")
     return default_cache_root() / "class-images" / f"{slug}-{digest}"
 
@@ -70,60 +87,157 @@ def plan_class_images(folder: Path, wanted: int, *, rank: int = 0, world_size: i
     return ClassImagePlan(folder, len(present), indices[rank::world_size])
 
 
+def initial_latents(indices: list[int], seed: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The starting noise of each image: its own CPU generator seeded `seed + index`, so a picture depends only on
+    (seed, index), never on the device, the batch it shares or the number of processes."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in indices])
+
+
+# Peak bytes one class image adds at 512 px in a 16-bit compute dtype: estimates with a margin (they grow with the
+# pixels; a batch that still runs out of memory is halved). The UNet runs each image twice (guided and unguided).
+DENOISE_BYTES_PER_IMAGE = 0.5 * (1 << 30)
+DECODE_BYTES_PER_IMAGE = 1.5 * (1 << 30)
+MAX_BATCH = 32  # 64 UNet rows with guidance: the GPU is busy; larger batches only add memory risk
+
+
+def fitted_batch_size(count: int, per_image_bytes: float, device: torch.device, resolution: int,
+                      cap: int = MAX_BATCH, max_bytes: int | None = None) -> int:
+    """The largest batch (up to `cap`) predicted to fit half the free memory (and `max_bytes` in all, e.g.
+    --max-vram), balanced over `count`. On a CPU: `cap`. Balanced means 100 images at a cap of 32 run as 4 batches
+    of 25, not 32+32+32+4."""
+    if count <= 0:
+        return 1
+    limit = cap
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = 0.5 * free
+        if max_bytes is not None:
+            budget = min(budget, max_bytes - torch.cuda.memory_allocated(device))
+        limit = max(1, min(cap, int(budget / (per_image_bytes * (resolution / 512) ** 2))))
+    batches = -(-count // limit)
+    return -(-count // batches)
+
+
 @torch.no_grad()
 def generate_class_images(pipeline_factory: Callable[[], object], plan: ClassImagePlan, *, prompt: str,
-                          resolution: int, steps: int, seed: int, batch_size: int = 4,
-                          progress: Callable[[int], None] | None = None) -> int:
-    """Generate the images of `plan.missing_indices` (index i always uses seed + i), each written atomically."""
+                          resolution: int, steps: int, seed: int, batch_size: int | None = None,
+                          progress: Callable[[int], None] | None = None, max_bytes: int | None = None) -> int:
+    """Generate the images of `plan.missing_indices` (index i starts from the noise of seed + i), each written
+    atomically. Batches as large as memory (and `max_bytes` in all) allows, `batch_size` forces one; a batch that
+    runs out of memory is split in two and retried, which changes no picture."""
     if not plan.missing_indices:
         return 0
     pipe = pipeline_factory()
     device = pipe.unet.device
-    done = 0
-    for start in range(0, len(plan.missing_indices), batch_size):
-        chunk = plan.missing_indices[start:start + batch_size]
-        generators = [torch.Generator(device=device).manual_seed(seed + i) for i in chunk]
-        latents = pipe(prompt=[prompt] * len(chunk), height=resolution, width=resolution,
-                       num_inference_steps=steps, generator=generators, output_type="latent").images
-        images = decode_latents(pipe, latents)
-        for index, image in zip(chunk, images):
-            with atomic_path(plan.folder / CLASS_IMAGE_PATTERN.format(index=index)) as tmp:
-                image.save(tmp, format="PNG")
+    factor = pipe.vae_scale_factor
+    shape = (pipe.unet.config.in_channels, resolution // factor, resolution // factor)
+    size = batch_size or fitted_batch_size(len(plan.missing_indices), DENOISE_BYTES_PER_IMAGE, device, resolution,
+                                           max_bytes=max_bytes)
+    pending, done, writes, spent = list(plan.missing_indices), 0, [], {"denoising": 0.0, "decoding": 0.0}
+    started = time.perf_counter()
+    writer = ThreadPoolExecutor(max_workers=4)  # PNG encoding overlaps the next batch's denoising
+    try:
+        done = _generate_batches(pipe, plan, pending, size, writer, writes, prompt=prompt, resolution=resolution,
+                                 steps=steps, seed=seed, shape=shape, progress=progress, spent=spent,
+                                 max_bytes=max_bytes)
+        waited = time.perf_counter()
+    finally:
+        writer.shutdown(wait=True)
+    for write in writes:
+        write.result()  # a failed write raises here
+    log.info("class images: %d in %.1f s (batches of up to %d, %d steps; denoising %.1f s, decoding %.1f s, "
+             "writing %.1f s after the last batch)", done, time.perf_counter() - started, size, steps,
+             spent["denoising"], spent["decoding"], time.perf_counter() - waited)
+    return done
+
+
+def _generate_batches(pipe, plan: ClassImagePlan, pending: list[int], size: int, writer, writes: list, *,
+                      prompt: str, resolution: int, steps: int, seed: int, shape: tuple[int, int, int],
+                      progress: Callable[[int], None] | None, spent: dict[str, float], max_bytes: int | None) -> int:
+    device, done = pipe.unet.device, 0
+    while pending:
+        chunk = pending[:size]
+        try:
+            with _timed(spent, "denoising", device):
+                latents = pipe(prompt=[prompt] * len(chunk), height=resolution, width=resolution,
+                               num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, output_type="latent",
+                               latents=initial_latents(chunk, seed, shape).to(device, pipe.unet.dtype)).images
+            with _timed(spent, "decoding", device):
+                images = decode_latents(pipe, latents, max_bytes=max_bytes)
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise
+            size = max(1, size // 2)
+            log.info("class images: out of memory, batches of %d from now on", size)
+            torch.cuda.empty_cache()
+            continue
+        writes += [writer.submit(_write_png, image, plan.folder / CLASS_IMAGE_PATTERN.format(index=index))
+                   for index, image in zip(chunk, images)]
+        pending = pending[len(chunk):]
         done += len(chunk)
         if progress:
             progress(len(chunk))
     return done
 
 
+@contextmanager
+def _timed(spent: dict[str, float], name: str, device: torch.device) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    spent[name] += time.perf_counter() - start
+
+
+def _write_png(image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", compress_level=1)  # a fast zlib level: the default (6) costs far more CPU
+
+
 @torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor) -> list:
-    """Decode in the VAE's own dtype (kept fp32 for training), whatever dtype the UNet produced the latents in."""
+def decode_latents(pipe, latents: torch.Tensor, *, max_bytes: int | None = None) -> list:
+    """Decode in batches that fit memory, under bf16 autocast when the UNet ran in bf16 (the VAE itself stays fp32
+    for training: autocast rounds copies, never its weights); fp16 would overflow SD's VAE, so it decodes in fp32."""
     vae = pipe.vae
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    return pipe.image_processor.postprocess(images, output_type="pil")
+    device = latents.device
+    fast = device.type == "cuda" and pipe.unet.dtype == torch.bfloat16
+    size = fitted_batch_size(latents.shape[0], DECODE_BYTES_PER_IMAGE / (2 if fast else 1), device,
+                             latents.shape[-1] * pipe.vae_scale_factor, max_bytes=max_bytes)
+    images = []
+    for start in range(0, latents.shape[0], size):
+        chunk = latents[start:start + size].to(vae.dtype) / vae.config.scaling_factor
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+            images.append(vae.decode(chunk).sample.float())
+    return pipe.image_processor.postprocess(torch.cat(images), output_type="pil")
 
 
 def write_manifest(folder: Path, *, base: str, prompt: str, resolution: int, seed: int, steps: int) -> None:
-    """Record how the class images were made (base, prompt, count, seed) beside them."""
+    """Record how the class images were made (base, prompt, count, seed, sampler and steps) beside them."""
     from lora_dreambooth.data.images import IMAGE_EXTENSIONS
 
     count = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
     manifest = {"base": base, "prompt": prompt, "resolution": resolution, "seed": seed,
-                "inference_steps": steps, "count": count}
+                "inference_steps": steps, "sampler": SAMPLER, "guidance_scale": GUIDANCE_SCALE,
+                "generation": generation_key(steps), "count": count}
     write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
-def check_manifest(folder: Path, *, prompt: str) -> None:
-    """Warn when a reused class folder was made for another prompt."""
+def check_manifest(folder: Path, *, prompt: str, steps: int | None = None) -> None:
+    """Warn when a reused class folder was made for another prompt, or with other generation settings."""
     path = folder / MANIFEST
     if not path.is_file():
         return
     try:
-        made_for = json.loads(path.read_text()).get("prompt")
+        made = json.loads(path.read_text())
     except ValueError:
         return
+    made_for = made.get("prompt")
     if made_for and made_for != prompt:
         log.warning("class images in '%s' were generated for prompt '%s', not '%s'", folder, made_for, prompt)
+    made_with = made.get("generation", "v1 (before samplers were recorded)")
+    if steps is not None and made_with != generation_key(steps):
+        log.warning("class images in '%s' were generated with %s, not %s; they are reused as they are (delete the "
+                    "folder to regenerate them)", folder, made_with, generation_key(steps))
 
 
 def prepare_class_images(base, accelerator, cfg: TrainConfig, *, prompt: str, class_dir: str | None,
@@ -134,8 +248,9 @@ def prepare_class_images(base, accelerator, cfg: TrainConfig, *, prompt: str, cl
     The frozen models reach the device only when there is something to generate; with `offload_after` (the
     low-memory profile quantizes from the CPU copy) they go back to the CPU afterwards.
     """
-    folder = Path(class_dir) if class_dir else default_class_dir(cfg.base, prompt, cfg.resolution)
-    check_manifest(folder, prompt=prompt)
+    folder = (Path(class_dir) if class_dir
+              else default_class_dir(cfg.base, prompt, cfg.resolution, cfg.class_inference_steps))
+    check_manifest(folder, prompt=prompt, steps=cfg.class_inference_steps)
     accelerator.wait_for_everyone()
     plan = plan_class_images(folder, cfg.num_class_images, rank=accelerator.process_index,
                              world_size=accelerator.num_processes)
@@ -148,12 +263,14 @@ def prepare_class_images(base, accelerator, cfg: TrainConfig, *, prompt: str, cl
         base.text_encoder.to(device, weight_dtype)
         base.vae.to(device, torch.float32)  # never rounded: the same VAE then encodes the latents
         generate_class_images(base.pipeline, plan, prompt=prompt, resolution=cfg.resolution,
-                              steps=cfg.class_inference_steps, seed=cfg.seed * 7919 + 1)
+                              steps=cfg.class_inference_steps, seed=cfg.seed * 7919 + 1,
+                              max_bytes=parse_size(cfg.max_vram, option="--max-vram") if cfg.max_vram else None)
         if offload_after:
             for model in (base.unet, base.text_encoder, base.vae):
                 model.to("cpu")
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    made_now = plan.existing < cfg.num_class_images or not (folder / MANIFEST).is_file()
+    if accelerator.is_main_process and made_now:  # a reused folder keeps the record of how it was made
         write_manifest(folder, base=cfg.base, prompt=prompt, resolution=cfg.resolution, seed=cfg.seed,
                        steps=cfg.class_inference_steps)
     examples = load_examples(folder, prompt, cfg.resolution, what="class image folder", skip_bad=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lora_dreambooth.adapters import get_variant, inject_adapters, trainable_parameters
+from lora_dreambooth.adapters import get_variant, inject_adapters
 from lora_dreambooth.config import TrainConfig
 from lora_dreambooth.data.subjects import (class_image_sets, load_subject_examples, resolve_subjects,
                                            subject_run_configs, subjects_summary)
@@ -27,18 +27,20 @@ from lora_dreambooth.files.export import finish_adapter_folder
 from lora_dreambooth.files.metadata import ADAPTER_FILENAME, adapter_summary
 from lora_dreambooth.models import base_identity, load_base, resolve_base
 from lora_dreambooth.training.batches import MicroBatches, Placement
-from lora_dreambooth.training.checkpoints import (check_resume_compatible, install_adapter_hooks, latest_checkpoint,
-                                                  read_checkpoint_state, save_checkpoint)
+from lora_dreambooth.training.checkpoints import (install_adapter_hooks, latest_checkpoint, resume_from_latest,
+                                                  save_checkpoint)
 from lora_dreambooth.training.graph import GraphedTraining, checkpoint_without_rng_state, compile_in_place
-from lora_dreambooth.training.lowmem import plan_for_base, quantize_frozen
+from lora_dreambooth.training.lowmem import quantize_frozen
 from lora_dreambooth.training.objective import DreamBoothObjective
-from lora_dreambooth.training.optim import SkippedSteps, build_lr_scheduler, build_optimizer
+from lora_dreambooth.training.optim import SkippedSteps, adapter_param_groups, build_lr_scheduler, build_optimizer
+from lora_dreambooth.training.phases import PhaseClock, loop_phases
 from lora_dreambooth.training.priors import prepare_class_images
 from lora_dreambooth.training.progress import ProgressLog
 from lora_dreambooth.training.prompts import PromptTable
 from lora_dreambooth.training.runtime import (WEIGHT_DTYPES, StopOnSignals, apply_prediction_type, auto_mixed_precision,
                                               check_output_folder, check_resume_matches, divergence_error,
                                               make_accelerator, params_digest, progress_bar, warn_skipped_steps)
+from lora_dreambooth.training.startup import base_placement, latent_batch_size, plan_before_loading
 from lora_dreambooth.training.validation import (grid_path, validation_due, validation_prompts, write_sample_images,
                                                  write_validation_grid)
 from lora_dreambooth.version import __version__
@@ -85,23 +87,27 @@ class DreamBoothRecipe:
         log.info("process %d/%d on %s", self.accelerator.process_index, self.accelerator.num_processes, self.device)
         self.weight_dtype = WEIGHT_DTYPES[self.cfg.mixed_precision]
         self.total_steps = self.cfg.total_steps(len(self.instance))
-        self.base = load_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle)
-        self._adapt_to_base()
-        self.plan = plan_for_base(self.cfg, self.base, device=self.device, num_processes=self.accelerator.num_processes)
+        self.clock = PhaseClock(self.device)
+        self.plan = self.clock.run("imports + plan", self._choose_plan)  # where the weights go depends on it
         if self.accelerator.is_main_process:
             log.info(self.plan.describe())
+        where = dict(allow_pickle=self.cfg.allow_pickle, **base_placement(self.plan, self.device, self.weight_dtype))
+        self.base = self.clock.run("base load", lambda: load_base(self.cfg.base, **where))  # to the GPU, once
+        self._adapt_to_base()
         self.use_prior = self.cfg.prior and self.cfg.prior_weight > 0
         self.model_prior = self.use_prior and self.cfg.prior_mode == "model"  # no class images: the base is the prior
-        self.class_examples = self._prepare_class_images() if self.use_prior and not self.model_prior else []
-        self._prepare_text()
-        self._cache_latents()
-        self._inject_adapters()
-        self._prepare_optimization()
-        self._maybe_resume()
-        self._prepare_step_runner()
+        self.class_examples = (self.clock.run("class images", self._prepare_class_images)
+                               if self.use_prior and not self.model_prior else [])
+        self.clock.run("text + latent caching", self._prepare_text, self._cache_latents)
+        self.clock.run("adapters + optimizer", self._inject_adapters, self._prepare_optimization, self._maybe_resume,
+                       self._prepare_step_runner)
 
     def _make_accelerator(self):
         return make_accelerator(self.cfg, self.out)
+
+    def _choose_plan(self):
+        return plan_before_loading(self.cfg, resolve_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle),
+                                   device=self.device, num_processes=self.accelerator.num_processes)
 
     def _adapt_to_base(self) -> None:
         """Warn about subject tokens the tokenizer splits or knows well; apply --prediction-type."""
@@ -141,9 +147,8 @@ class DreamBoothRecipe:
                                     use_prior=self.use_prior, model_prior=self.model_prior,
                                     num_train_timesteps=self.base.noise_scheduler.config.num_train_timesteps)
         vae = self.base.vae.to(self.device, torch.float32)
-        vae.use_slicing = self.plan.profile != "plain"  # one image at a time: same latents, a 512 px batch of 8
-        #                                                  peaks at 6.3 GiB, one image at under 1 GiB
-        self.batches.cache_latents(vae, self.base.unet)
+        self.batches.cache_latents(vae, self.base.unet,  # batches that fit the memory the plan leaves
+                                   batch_size=latent_batch_size(self.cfg, self.plan, self.device))
         self.base.vae.to("cpu")
 
     def _inject_adapters(self) -> None:
@@ -169,17 +174,9 @@ class DreamBoothRecipe:
 
     def _prepare_optimization(self) -> None:
         cfg, acc = self.cfg, self.accelerator
-        effective_batch = acc.num_processes * cfg.batch_size * cfg.gradient_accumulation
-        lr_factor = effective_batch if cfg.scale_lr else 1
-        if acc.is_main_process:
-            log.info("effective batch: %d process(es) x %d image(s) x %d accumulation = %d instance images per step%s; "
-                     "lr %g%s", acc.num_processes, cfg.batch_size, cfg.gradient_accumulation, effective_batch,
-                     " (+ as many class images)" if self.use_prior else "", cfg.lr * lr_factor,
-                     f" (= {cfg.lr:g} x {effective_batch}, --scale-lr)" if cfg.scale_lr else " (not scaled; --scale-lr)")
-        groups = [{"params": trainable_parameters(self.base.unet), "lr": cfg.lr * lr_factor}]
-        if cfg.train_text_encoder:
-            groups.append({"params": trainable_parameters(self.base.text_encoder),
-                           "lr": (cfg.text_encoder_lr or cfg.lr) * lr_factor})
+        groups = adapter_param_groups(cfg, self.base.unet, self.base.text_encoder if cfg.train_text_encoder else None,
+                                      num_processes=acc.num_processes, with_prior=self.use_prior,
+                                      log_it=acc.is_main_process)
         optimizer = build_optimizer(cfg.optimizer, groups, weight_decay=cfg.weight_decay, device=self.device)
         scheduler = build_lr_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=cfg.warmup_steps,
                                        total_steps=self.total_steps, num_processes=acc.num_processes)
@@ -191,22 +188,13 @@ class DreamBoothRecipe:
         self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
         self.params = [p for group in groups for p in group["params"]]
         self.objective = DreamBoothObjective(
-            self.base.noise_scheduler, acc.unwrap_model(self.unet), batch_size=cfg.batch_size, prior_weight=cfg.prior_weight,
-            snr_gamma=cfg.snr_gamma, model_prior=self.model_prior, base_text=self.base_text,
+            self.base.noise_scheduler, acc.unwrap_model(self.unet), batch_size=cfg.batch_size,
+            prior_weight=cfg.prior_weight, snr_gamma=cfg.snr_gamma, model_prior=self.model_prior, base_text=self.base_text,
             weight_dtype=self.weight_dtype, device=self.device, autocast=acc.autocast)
 
     def _maybe_resume(self) -> None:
-        if not self.cfg.resume:
-            return
-        checkpoint = latest_checkpoint(self.out)
-        if checkpoint is None:
-            log.warning("--resume: no checkpoint in '%s'; starting from step 0", self.out)
-            return
-        state = read_checkpoint_state(checkpoint)
-        check_resume_compatible(state["config"], self.cfg.to_dict(), checkpoint)
-        self.accelerator.load_state(str(checkpoint))
-        self.start_step = int(state["step"])
-        log.info("resumed from '%s' at step %d", checkpoint, self.start_step)
+        if self.cfg.resume:
+            self.start_step = resume_from_latest(self.accelerator, self.out, self.cfg.to_dict())
 
     def _prepare_step_runner(self) -> None:
         """The step runs eagerly, or is replayed from CUDA graphs (fp16, accumulation, processes: graph.py)."""
@@ -232,6 +220,8 @@ class DreamBoothRecipe:
         last_loss, window_start = None, time.perf_counter()
         self.progress = ProgressLog(cfg.progress_file, self.total_steps, self.start_step, enabled=acc.is_main_process)
         signals = StopOnSignals(lambda: setattr(self, "stop_requested", True), lambda: self.stop_requested)
+        phases = loop_phases(self.clock, bar, self.plan, graph_warmup=GRAPH_WARMUP_STEPS,
+                             accumulation=cfg.gradient_accumulation, steps=(self.start_step, self.total_steps))
         with signals, bar:  # the bar closes (ends its line) before any error is printed
             for step in range(self.start_step, self.total_steps):
                 for micro in range(cfg.gradient_accumulation):
@@ -244,18 +234,20 @@ class DreamBoothRecipe:
                     last_loss = self._report(loss_sum, first_bad, done, bar, window_start)
                     loss_sum.zero_()
                     window_start = time.perf_counter()
-                bar.update(1)
+                phases.step_done(done)  # paces the host, advances the bar
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < self.total_steps:
                     self._checkpoint(done, first_bad)
                 if validation_due(cfg.validation_every, done) and acc.is_main_process:
                     self._validate(done)
                 if self.stop_requested:
                     self._checkpoint(done, first_bad)
-                    return self._result(bar, done, last_loss, interrupted=True)
-        return self._result(bar, self.total_steps, last_loss)
+                    return self._result(bar, phases, done, last_loss, interrupted=True)
+        return self._result(bar, phases, self.total_steps, last_loss)
 
-    def _result(self, bar: Any, done: int, last_loss: float | None, interrupted: bool = False) -> TrainResult:
+    def _result(self, bar: Any, phases: Any, done: int, last_loss: float | None, interrupted: bool = False
+                ) -> TrainResult:
         bar.close()  # before any warning, so that it starts on a line of its own
+        phases.finish()
         self.progress.write(done, event="interrupted" if interrupted else "done", loss=last_loss)
         skipped = warn_skipped_steps(self._skipped_steps(), done - self.start_step)
         return TrainResult(None, done, self.total_steps, last_loss, interrupted=interrupted, skipped_steps=skipped)
@@ -339,10 +331,17 @@ class DreamBoothRecipe:
     # -- save -------------------------------------------------------------------------------------------------
     def save(self, result: TrainResult) -> TrainResult:
         """Write the adapter (diffusers layout + metadata), `train_config.toml`, and optional sample images."""
-        acc, cfg = self.accelerator, self.cfg
+        acc = self.accelerator
         acc.wait_for_everyone()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("rank %d adapter sha256 %s", acc.process_index, params_digest(self.params))
+        self.clock.run("save", lambda: self._write_outputs(result))
+        acc.end_training()
+        self.clock.log_summary(acc.is_main_process)
+        return result
+
+    def _write_outputs(self, result: TrainResult) -> None:
+        acc, cfg = self.accelerator, self.cfg
         if acc.is_main_process:
             unet = acc.unwrap_model(self.unet)
             te = acc.unwrap_model(self.text_encoder) if self.text_encoder is not None else None
@@ -353,8 +352,6 @@ class DreamBoothRecipe:
                 write_sample_images(self.base, list(cfg.sample_prompts), self.out / "samples.png", device=self.device,
                                     seed=cfg.seed, size=cfg.resolution)
             finish_adapter_folder(result.adapter_path, self.summary(result.steps_done), export=cfg.export)
-        acc.end_training()
-        return result
 
     def summary(self, steps_done: int) -> dict[str, Any]:
         """Our metadata block: what a user (or the app) needs to know about this adapter."""
