@@ -15,23 +15,47 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Test files whose expensive fixtures are shared run on one xdist worker together (`--dist loadgroup`); every other
 # file is a group of its own, so a module-scoped fixture is never built twice on two workers.
-SHARED_FIXTURES = {"test_variants": "variants", "test_kohya": "variants",  # trained variant adapters
+SHARED_FIXTURES = {"test_variants": "variants", "test_kohya": "variants", "test_lycoris": "variants",  # adapters
                    "test_inference": "subjects", "test_app": "subjects", "test_browser": "subjects"}  # library
 # The longest groups start first, so that no worker is left with a long group at the end.
-LONG_GROUPS = ("test_synthetic", "test_scaleout", "test_reliability", "subjects", "test_train")
+LONG_GROUPS = ("test_synthetic", "test_train_tab", "test_scaleout", "test_reliability", "subjects", "test_notebook",
+               "test_train")
+
+
+def _group(nodeid_or_module: str) -> str:
+    """The xdist group of a test (its file's name, or the group of files sharing fixtures)."""
+    module = nodeid_or_module.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py").rsplit(".", 1)[-1]
+    return SHARED_FIXTURES.get(module, module)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Group every test by the fixtures it shares (see SHARED_FIXTURES) and start the longest groups first."""
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        item.add_marker(pytest.mark.xdist_group(SHARED_FIXTURES.get(module, module)))
-
+    """Start the longest groups first (xdist hands out groups in collection order, see below)."""
     def rank(item) -> int:
-        group = SHARED_FIXTURES.get(item.module.__name__.rsplit(".", 1)[-1], item.module.__name__.rsplit(".", 1)[-1])
+        group = _group(item.nodeid)
         return LONG_GROUPS.index(group) if group in LONG_GROUPS else len(LONG_GROUPS)
 
     items.sort(key=rank)
+
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # plain pytest: the tests run one by one
+    LoadScopeScheduling = None
+
+if LoadScopeScheduling is not None:
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        """`--dist loadgroup` by file and SHARED_FIXTURES, in collection order. (xdist 3.8's own loadgroup tags
+        node ids, which pytest 9 no longer lets it rewrite, so it silently spread a module's tests over workers and
+        built module fixtures twice.)"""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    def pytest_xdist_make_scheduler(config, log):
+        if config.getvalue("dist") == "loadgroup":
+            config.option.loadscopereorder = False  # keep the longest-first order of the collection
+            return SharedFixtureScheduling(config, log)
+        return None
 
 
 @pytest.fixture(scope="session")

@@ -43,13 +43,14 @@ def quiet_gradio_env(tmp: Path) -> dict[str, str]:
 
 
 @contextmanager
-def server_process(base: Path, library: Path, tmp: Path, timeout: float = 180) -> Iterator[tuple[str, list[str]]]:
-    """`python -m lora_dreambooth serve` on a free loopback port; yields (url, output lines so far)."""
+def server_process(base: Path, library: Path, tmp: Path, *extra_args: str, env: dict[str, str] | None = None,
+                   timeout: float = 180) -> Iterator[tuple[str, list[str], subprocess.Popen]]:
+    """`python -m lora_dreambooth serve` on a free loopback port; yields (url, output lines so far, the process)."""
     port = free_port()
-    env = {**os.environ, **quiet_gradio_env(tmp)}
+    full_env = {**os.environ, **quiet_gradio_env(tmp), **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "lora_dreambooth", "serve", "--base", str(base), "--adapters",
-                             str(library), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+                             str(library), "--port", str(port), *extra_args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=full_env)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     url = f"http://127.0.0.1:{port}/"
@@ -64,11 +65,11 @@ def server_process(base: Path, library: Path, tmp: Path, timeout: float = 180) -
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        yield url, lines
+        yield url, lines, proc
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
 
@@ -104,7 +105,7 @@ def generate(client, subject: str, **changes) -> tuple[np.ndarray, int, str]:
 
 
 def test_server_binds_loopback_and_switches_subjects_without_reloading(server, client):
-    url, lines = server
+    url, lines, _ = server
     assert any(f"on http://127.0.0.1:{url.rsplit(':', 1)[1]}" in line for line in lines), "".join(lines)
     before = client.predict(api_name="/status")
     assert before["resident"] == ["sks-dog", "zwx-cat"]

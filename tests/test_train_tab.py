@@ -3,14 +3,9 @@ train_status, cancel, generate with the new subject, generate while a training r
 Chromium (upload, start, progress, pick the new subject, generate). One server serves every check."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -19,7 +14,7 @@ from lora_dreambooth.errors import UserInputError
 from lora_dreambooth.serve.jobs import JOBS_DIR, JobProgress, copy_photos, progress_from_log, safe_file_name
 
 from .conftest import REPO
-from .test_app import free_port, quiet_gradio_env
+from .test_app import server_process
 
 CHROMIUM = Path("/usr/bin/chromium")
 GENERATE = dict(negative_prompt="", strength=1.0, mix_subject="(base model)", mix_strength=0.5, steps=3,
@@ -41,30 +36,9 @@ def train_server(tmp_path_factory, tiny_base):
     library = tmp / "library"
     library.mkdir()
     (tmp / "train.toml").write_text(TRAIN_DEFAULTS)
-    port = free_port()
-    env = {**os.environ, **quiet_gradio_env(tmp), "LORA_DREAMBOOTH_CACHE": str(tmp / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "lora_dreambooth", "serve", "--base", str(tiny_base),
-                             "--adapters", str(library), "--port", str(port), "--train-config", str(tmp / "train.toml")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, f"server exited early:\n{''.join(lines)}"
-        assert time.monotonic() < deadline, f"server did not start:\n{''.join(lines)}"
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    yield url, library, lines, proc
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with server_process(tiny_base, library, tmp, "--train-config", str(tmp / "train.toml"),
+                        env={"LORA_DREAMBOOTH_CACHE": str(tmp / "cache")}) as (url, lines, proc):
+        yield url, library, lines, proc
 
 
 @pytest.fixture(scope="module")
