@@ -341,8 +341,14 @@ def graph_blockers(cfg: TrainConfig, device: torch.device, num_processes: int) -
         reasons.append("gradient accumulation steps the optimizer conditionally")
     if cfg.mixed_precision == "fp16":
         reasons.append("fp16 loss scaling checks gradients on the host every step (use bf16)")
-    if cfg.optimizer != "adamw":
+    if cfg.optimizer == "prodigy":
+        reasons.append("prodigy reads its step-size estimate on the host every step (.item()), which a CUDA graph "
+                       "cannot replay (use adamw for the graph)")
+    elif cfg.optimizer != "adamw":
         reasons.append(f"optimizer '{cfg.optimizer}' is not captured (use adamw)")
+    if getattr(cfg, "pivotal", False):
+        reasons.append("--pivotal: the identifier's embedding row (a forward hook on the text encoder's embedding) "
+                       "has not been validated under CUDA-graph capture yet, so the step runs eagerly")
     return reasons
 
 
