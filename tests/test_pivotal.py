@@ -193,3 +193,28 @@ def test_graph_blockers_name_prodigy_and_pivotal(tmp_path):
     cfg = _config(tmp_path, tmp_path, tmp_path, pivotal=True, optimizer="prodigy", lr=1.0)
     reasons = " ".join(graph_blockers(cfg, torch.device("cuda"), 1))
     assert "prodigy" in reasons and "--pivotal" in reasons
+
+
+def test_model_card_shows_the_embedding(pivotal_run):
+    card = (pivotal_run["out"] / "README.md").read_text()
+    assert 'pipe.load_textual_inversion("path/to/this/folder/embeddings.safetensors", token="sks")' in card
+    assert "`embeddings.safetensors`: the trained embedding" in card
+
+
+def test_sweep_summary_and_table():
+    from lora_dreambooth.synthetic.sweep import aggregate, meets_targets, sweep_table
+
+    runs = {"base": {"0": {"subject": 0.0, "similarity": 0.1, "edit_color": 0.9, "edit_shape": 1.0, "leak": 0.0,
+                           "class_accuracy": 1.0, "world_color": 0.75}}}
+    runs["default"] = {"0": {**runs["base"]["0"], "subject": 0.3, "edit_color": 0.4},
+                       "1": {**runs["base"]["0"], "subject": 0.1, "edit_color": 0.2}}
+    runs["pivotal"] = {"0": {**runs["base"]["0"], "subject": 0.3, "edit_color": 0.8},
+                       "1": {**runs["base"]["0"], "subject": 0.2, "edit_color": 0.7, "leak": 0.1}}
+    summary = {n: aggregate(list(r.values())) for n, r in runs.items()}
+    assert summary["default"]["subject"]["mean"] == pytest.approx(0.2)
+    assert summary["default"]["subject"]["std"] == pytest.approx(0.1414, abs=1e-3)
+    assert meets_targets(summary["pivotal"], summary["default"])  # 25 % >= 20 %, 75 % >= 70 %, leak 5 % <= 5 %
+    assert not meets_targets(summary["default"], summary["default"])  # colour 30 % < 70 %
+    table = sweep_table({"summary": summary, "configs": ["default", "pivotal"], "seeds": [0, 1],
+                         "seconds": {"default": [60.0, 62.0], "pivotal": [70.0, 72.0]}})
+    assert "| meets all three targets | – | no | yes |" in table and "75% ± 7" in table
