@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default=None,
                         help="comma-separated seeds: compare training configurations over them (mean and spread)")
     parser.add_argument("--configs", default=None,
-                        help="with --seeds: comma-separated configurations [all]: " + ", ".join(_configurations()))
+                        help="with --seeds: comma-separated configurations [the first five]: "
+                        + ", ".join(_configurations()))
     args = parser.parse_args(argv)
     if args.refresh_shipped and not args.from_scratch:
         parser.error("--refresh-shipped needs --from-scratch (it ships a base this run pretrained)")
@@ -79,7 +80,9 @@ def run_seeds(args: argparse.Namespace, cfg, started: float) -> int:
     from lora_dreambooth.synthetic.sweep import run_sweep, sweep_table
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    configs = [c.strip() for c in args.configs.split(",")] if args.configs else _configurations()
+    from lora_dreambooth.synthetic.sweep import DEFAULT_SWEEP
+
+    configs = [c.strip() for c in args.configs.split(",")] if args.configs else list(DEFAULT_SWEEP)
     unknown = [c for c in configs if c not in _configurations()]
     if unknown:
         raise SystemExit(f"Error: unknown configuration(s) {', '.join(unknown)}; known: {', '.join(_configurations())}")

@@ -43,10 +43,14 @@ CONFIGURATIONS: dict[str, SweepConfig] = {c.name: c for c in (
     SweepConfig("prodigy", {"optimizer": "prodigy", "lr": 1.0}, "--optimizer prodigy --lr 1.0"),
     SweepConfig("pivotal+class-prompts", {"pivotal": True, "class_prompt": world_class_prompts()},
                 "--pivotal with the 7 class prompts"),
+    # not in the default sweep (CPU budget): --configs names it
     SweepConfig("pivotal+class-prompts+prodigy", {"pivotal": True, "class_prompt": world_class_prompts(),
                                                   "optimizer": "prodigy", "lr": 1.0},
                 "--pivotal, 7 class prompts, prodigy"),
 )}
+
+#: What ``--seeds`` compares unless ``--configs`` says otherwise (5 x 3 seeds fit a CPU afternoon: ~4 min a run).
+DEFAULT_SWEEP: tuple[str, ...] = ("default", "pivotal", "class-prompts", "prodigy", "pivotal+class-prompts")
 
 #: (key, label, family, attribute, higher is better) of the summarised measures.
 MEASURES: tuple[tuple[str, str, str, str, bool], ...] = (
@@ -134,6 +138,7 @@ def run_sweep(cfg: BenchConfig, work_dir: str | Path, seeds: Sequence[int], conf
     result: dict[str, Any] = {"config": asdict(cfg), "seeds": list(seeds), "configs": list(configs),
                               "descriptions": {n: CONFIGURATIONS[n].description for n in configs},
                               "runs": {n: {} for n in ["base", *configs]}, "seconds": {n: [] for n in configs}}
+    done = _earlier_runs(work, result)
     for seed in seeds:
         run_cfg = replace(cfg, seed=seed)
         seed_dir = work / f"seed-{seed}"
@@ -141,9 +146,12 @@ def run_sweep(cfg: BenchConfig, work_dir: str | Path, seeds: Sequence[int], conf
             seed_dir / "subject", run_cfg.subject_photos, run_cfg.pretrain.resolution, seed=seed,
             size=run_cfg.subject_size)]
         histogram = reference_histogram(photos)
-        stats, _ = measure_model(load_for_measure(base, None, device), run_cfg, histogram)
-        result["runs"]["base"][str(seed)] = summarise(stats)
+        if str(seed) not in result["runs"]["base"]:
+            stats, _ = measure_model(load_for_measure(base, None, device), run_cfg, histogram)
+            result["runs"]["base"][str(seed)] = summarise(stats)
         for name in configs:
+            if (name, str(seed)) in done:
+                continue
             sweep = CONFIGURATIONS[name]
             prompts_key = "multi" if "class_prompt" in sweep.changes else "one"
             out = seed_dir / name
@@ -162,6 +170,24 @@ def run_sweep(cfg: BenchConfig, work_dir: str | Path, seeds: Sequence[int], conf
                 + ", ".join(f"{k} {v:.2f}" for k, v in result["runs"][name][str(seed)].items()))
             _write(work, result)
     return _write(work, result)
+
+
+def _earlier_runs(work: Path, result: dict[str, Any]) -> set[tuple[str, str]]:
+    """Reuse the runs of an interrupted sweep in the same folder with the same settings; return them."""
+    path = work / "sweep.json"
+    if not path.is_file():
+        return set()
+    earlier = json.loads(path.read_text())
+    if earlier.get("config") != json.loads(json.dumps(result["config"])):
+        return set()
+    done = set()
+    for name, runs in earlier.get("runs", {}).items():
+        if name in result["runs"]:
+            result["runs"][name].update(runs)
+            done |= {(name, seed) for seed in runs}
+            if name in result["seconds"]:
+                result["seconds"][name] = list(earlier.get("seconds", {}).get(name, []))
+    return done
 
 
 def _write(work: Path, result: dict[str, Any]) -> dict[str, Any]:
