@@ -43,7 +43,17 @@ CONFIGURATIONS: dict[str, SweepConfig] = {c.name: c for c in (
     SweepConfig("prodigy", {"optimizer": "prodigy", "lr": 1.0}, "--optimizer prodigy --lr 1.0"),
     SweepConfig("pivotal+class-prompts", {"pivotal": True, "class_prompt": world_class_prompts()},
                 "--pivotal with the 7 class prompts"),
-    # not in the default sweep (CPU budget): --configs names it
+    # follow-ups, not in the default sweep (CPU budget): --configs names them
+    SweepConfig("pivotal-fast", {"pivotal": True, "embedding_lr": 1e-2}, "--pivotal --embedding-lr 1e-2 (5x lr)"),
+    SweepConfig("pivotal-fast+class-prompts", {"pivotal": True, "embedding_lr": 1e-2,
+                                               "class_prompt": world_class_prompts()},
+                "--pivotal --embedding-lr 1e-2 with the 7 class prompts"),
+    SweepConfig("pivotal-row-only+class-prompts", {"pivotal": True, "embedding_lr": 1e-2, "train_text_encoder": False,
+                                                   "class_prompt": world_class_prompts()},
+                "--pivotal --embedding-lr 1e-2 --no-train-text-encoder, 7 class prompts"),
+    SweepConfig("pivotal+class-prompts+prior0.5", {"pivotal": True, "class_prompt": world_class_prompts(),
+                                                   "prior_weight": 0.5},
+                "--pivotal with the 7 class prompts, --prior-weight 0.5"),
     SweepConfig("pivotal+class-prompts+prodigy", {"pivotal": True, "class_prompt": world_class_prompts(),
                                                   "optimizer": "prodigy", "lr": 1.0},
                 "--pivotal, 7 class prompts, prodigy"),
@@ -181,12 +191,12 @@ def _earlier_runs(work: Path, result: dict[str, Any]) -> set[tuple[str, str]]:
     if earlier.get("config") != json.loads(json.dumps(result["config"])):
         return set()
     done = set()
-    for name, runs in earlier.get("runs", {}).items():
-        if name in result["runs"]:
-            result["runs"][name].update(runs)
-            done |= {(name, seed) for seed in runs}
-            if name in result["seconds"]:
-                result["seconds"][name] = list(earlier.get("seconds", {}).get(name, []))
+    for name, runs in earlier.get("runs", {}).items():  # every earlier configuration stays in the file
+        result["runs"].setdefault(name, {}).update(runs)
+        done |= {(name, seed) for seed in runs}
+        if name != "base":
+            result["seconds"][name] = list(earlier.get("seconds", {}).get(name, []))
+            result["descriptions"].setdefault(name, earlier.get("descriptions", {}).get(name, ""))
     return done
 
 
