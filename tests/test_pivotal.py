@@ -17,6 +17,7 @@ from tests.conftest import cli_in_process, small_train_args
 
 PROMPT = "a photo of sks dog"
 CLASS_PROMPTS = ("a photo of {class}", "a photo of {class} in red")
+PIVOTAL_RUN = dict(pivotal=True, embedding_lr=5e-2, class_prompt=CLASS_PROMPTS, checkpoint_every=3, export=("kohya",))
 
 
 def _config(base: Path, photos: Path, out: Path, **changes) -> TrainConfig:
@@ -58,8 +59,7 @@ def pivotal_run(tiny_base, dog_dir, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("LORA_DREAMBOOTH_CACHE", str(root / "cache"))
     try:
-        cfg = _config(tiny_base, dog_dir, root / "out", pivotal=True, embedding_lr=5e-2,
-                      class_prompt=CLASS_PROMPTS, checkpoint_every=3, export=("kohya",))
+        cfg = _config(tiny_base, dog_dir, root / "out", **PIVOTAL_RUN)
         recipe = DreamBoothRecipe(cfg)
         recipe.setup()
         result = recipe.save(recipe.train())
@@ -68,7 +68,8 @@ def pivotal_run(tiny_base, dog_dir, tmp_path_factory):
         row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("sks")].clone()
     finally:
         mp.undo()
-    return {"out": root / "out", "result": result, "latents": latents, "row": row, "cache": root / "cache"}
+    return {"out": root / "out", "result": result, "latents": latents, "row": row, "cache": root / "cache",
+            "config": cfg}
 
 
 def test_plain_diffusers_reload_equals_the_trained_model(pivotal_run, tiny_base):
@@ -112,6 +113,22 @@ def test_metadata_checkpoint_and_class_prompt_split(pivotal_run):
     folders = sorted((pivotal_run["cache"] / "class-images").iterdir())
     counts = {f.name.rsplit("-", 1)[0]: len(list(f.glob("*.png"))) for f in folders}
     assert counts == {"a-photo-of-dog": 2, "a-photo-of-dog-in-red": 1}  # 3 class images split over 2 prompts
+
+
+def test_resume_restores_the_embedding_row_bit_exactly(pivotal_run, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from lora_dreambooth import train
+
+    monkeypatch.setenv("LORA_DREAMBOOTH_CACHE", str(pivotal_run["cache"]))  # the same class images
+    part = tmp_path / "part"
+    shutil.copytree(pivotal_run["out"] / "checkpoints" / "checkpoint-3", part / "checkpoints" / "checkpoint-3")
+    train(pivotal_run["config"].replace(output_dir=str(part), resume=True, export=()))
+    for name in ("pytorch_lora_weights.safetensors", "embeddings.safetensors"):
+        a, b = load_file(str(pivotal_run["out"] / name)), load_file(str(part / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_load_adapter_and_kohya_bundle_carry_the_embedding(pivotal_run, tiny_base):
