@@ -234,4 +234,6 @@ def test_sweep_summary_and_table():
     assert not meets_targets(summary["default"], summary["default"])  # colour 30 % < 70 %
     table = sweep_table({"summary": summary, "configs": ["default", "pivotal"], "seeds": [0, 1],
                          "seconds": {"default": [60.0, 62.0], "pivotal": [70.0, 72.0]}})
-    assert "| meets all three targets | – | no | yes |" in table and "75% ± 7" in table
+    rows = {line.split(" | ")[0]: line for line in table.splitlines()}
+    assert rows["| `pivotal`"].endswith("| 75% ± 7 | 100% ± 0 | 5% ± 7 | 100% ± 0 | 75% ± 0 | 2 | yes | 71 |")
+    assert rows["| `default`"].split(" | ")[-2] == "no" and rows["| `base`"].split(" | ")[-2] == "–"

@@ -64,13 +64,13 @@ DEFAULT_SWEEP: tuple[str, ...] = ("default", "pivotal", "class-prompts", "prodig
 
 #: (key, label, family, attribute, higher is better) of the summarised measures.
 MEASURES: tuple[tuple[str, str, str, str, bool], ...] = (
-    ("subject", "subject drawn (`a photo of sks triangle`)", "subject", "subject_rate", True),
-    ("similarity", "colour similarity to the photos", "subject", "subject_similarity", True),
-    ("edit_color", "asked colour kept (`a photo of sks triangle in {colour}`)", "edit", "color_accuracy", True),
-    ("edit_shape", "triangle drawn (`... in {colour}`)", "edit", "shape_accuracy", True),
-    ("leak", "subject leaks into `a photo of a triangle` (PRES)", "class", "subject_rate", False),
-    ("class_accuracy", "triangle drawn (`a photo of a triangle`)", "class", "shape_accuracy", True),
-    ("world_color", "asked colour drawn (`a photo of a {colour} {shape}`)", "world", "color_accuracy", True),
+    ("subject", "subject drawn", "subject", "subject_rate", True),  # a photo of sks triangle
+    ("similarity", "similarity to the photos", "subject", "subject_similarity", True),
+    ("edit_color", "edit: colour kept", "edit", "color_accuracy", True),  # a photo of sks triangle in {colour}
+    ("edit_shape", "edit: triangle", "edit", "shape_accuracy", True),
+    ("leak", "leak (PRES)", "class", "subject_rate", False),  # a photo of a triangle
+    ("class_accuracy", "class accuracy", "class", "shape_accuracy", True),
+    ("world_color", "world colour", "world", "color_accuracy", True),  # a photo of a {colour} {shape}
 )
 
 
@@ -207,26 +207,22 @@ def _write(work: Path, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def sweep_table(result: dict[str, Any]) -> str:
-    """Markdown: one row per measure, one column per model (base and configurations), "mean ± sd"."""
+    """Markdown: one row per model (the base, then every configuration), one column per measure, "mean ± sd"."""
     summary = result["summary"]
-    columns = [c for c in ["base", *result["configs"]] if c in summary]
-    seeds = ", ".join(str(s) for s in result["seeds"])
-    lines = [f"| measure (mean ± sd over seeds {seeds}) | " + " | ".join(f"`{c}`" for c in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
-    for key, label, _, _, higher in MEASURES:
-        cells = []
-        for c in columns:
-            m = summary[c][key]
-            if key == "similarity":
-                cells.append(f"{m['mean']:.2f} ± {m['std']:.2f}")
-            else:
-                cells.append(f"{100 * m['mean']:.0f}% ± {100 * m['std']:.0f}")
-        lines.append(f"| {label} {'↑' if higher else '↓'} | " + " | ".join(cells) + " |")
+    rows = [c for c in ["base", *result["configs"]] if c in summary]
     default = summary.get("default")
-    if default:
-        verdict = [("yes" if meets_targets(summary[c], default) else "no") if c != "base" else "–" for c in columns]
-        lines.append("| meets all three targets | " + " | ".join(verdict) + " |")
     seconds = result.get("seconds", {})
-    lines.append("| training seconds per run (CPU) | " + " | ".join(
-        f"{statistics.fmean(seconds[c]):.0f}" if seconds.get(c) else "–" for c in columns) + " |")
+    header = ["configuration", *(f"{label} {'↑' if higher else '↓'}" for _, label, _, _, higher in MEASURES),
+              "n seeds", "all 3 targets", "train s/run"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for name in rows:
+        cells = [f"`{name}`"]
+        for key, *_ in MEASURES:
+            m = summary[name][key]
+            cells.append(f"{m['mean']:.2f} ± {m['std']:.2f}" if key == "similarity"
+                         else f"{100 * m['mean']:.0f}% ± {100 * m['std']:.0f}")
+        cells.append(str(summary[name]["subject"]["n"]))
+        cells.append("–" if name == "base" or not default else "yes" if meets_targets(summary[name], default) else "no")
+        cells.append(f"{statistics.fmean(seconds[name]):.0f}" if seconds.get(name) else "–")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
