@@ -237,8 +237,9 @@ class TrainConfig:
         _require(self.embedding_lr is None or self.embedding_lr > 0,
                  f"--embedding-lr must be positive, got {self.embedding_lr}")
         _require(self.init_token is None or bool(self.init_token.strip()), "--init-token must not be empty")
-        _require(not (self.pivotal and self.subjects and len(self.subjects) > 1),
-                 "--pivotal trains one identifier embedding: use it with a single subject, not [[subjects]]")
+        _require(not (self.pivotal and len(self.subjects) > 1 and not self.separate_adapters),
+                 "--pivotal trains one identifier embedding per adapter: with several [[subjects]], add "
+                 "--separate-adapters (one adapter and embedding each)")
         _require(self.optimizer != "prodigy" or all(v in (None, self.lr) for v in (self.text_encoder_lr,
                                                                                       self.embedding_lr)),
                  "--optimizer prodigy takes one lr for every parameter group (prodigyopt requires it): leave "

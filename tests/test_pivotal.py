@@ -237,3 +237,11 @@ def test_sweep_summary_and_table():
     rows = {line.split(" | ")[0]: line for line in table.splitlines()}
     assert rows["| `pivotal`"].endswith("| 75% ± 7 | 100% ± 0 | 5% ± 7 | 100% ± 0 | 75% ± 0 | 2 | yes | 71 |")
     assert rows["| `default`"].split(" | ")[-2] == "no" and rows["| `base`"].split(" | ")[-2] == "–"
+
+
+def test_pivotal_with_several_subjects_needs_separate_adapters(tmp_path):
+    subjects = [{"instance_dir": "a", "token": "sks", "class_noun": "dog"},
+                {"instance_dir": "b", "token": "ohwx", "class_noun": "cat"}]
+    with pytest.raises(UserInputError, match="--separate-adapters"):
+        _config(tmp_path, "a", tmp_path, pivotal=True, subjects=subjects)
+    assert _config(tmp_path, "a", tmp_path, pivotal=True, subjects=subjects, separate_adapters=True).pivotal
