@@ -28,7 +28,8 @@ TRAIN_HELP: dict[str, str] = {
     "class_noun": "What the subject is (dog, person, backpack).",
     "output_dir": "Folder for pytorch_lora_weights.safetensors, train_config.toml, checkpoints, logs.",
     "instance_prompt": "Prompt for your photos; {token} and {class} are filled in. [a photo of {token} {class}]",
-    "class_prompt": "Prompt for class images. [a photo of {class}]",
+    "class_prompt": "Prompt for class images; repeat it to split the class images across several prompts (e.g. the "
+                    "edits you will ask for: 'a photo of {class} in red'). [a photo of {class}]",
     "variant": "Adapter variant.",
     "rank": "Adapter rank.",
     "alpha": "Adapter alpha (scale = alpha / rank). [= rank]",
@@ -49,7 +50,8 @@ TRAIN_HELP: dict[str, str] = {
     "text_encoder_lr": "Learning rate of the text-encoder adapter. [= --lr]",
     "lr_scheduler": "Learning-rate schedule.",
     "warmup_steps": "Warm-up steps of the schedule.",
-    "optimizer": "adamw, or adamw8bit (bitsandbytes).",
+    "optimizer": "adamw, adamw8bit (bitsandbytes), or prodigy (pip install prodigyopt; it estimates its own step "
+                 "size: use --lr 1.0, one lr for all parameters).",
     "weight_decay": "AdamW weight decay.",
     "max_grad_norm": "Gradient clipping (0 disables).",
     "mixed_precision": "Compute precision of the frozen model; adapter weights stay fp32. auto: bf16 on GPUs that "
@@ -72,6 +74,10 @@ TRAIN_HELP: dict[str, str] = {
     "progress_file": "Also append step, total, loss and ETA as JSON lines to this file (read by the app).",
     "sample_prompts": "Prompt for a sample grid written after training (repeatable).",
     "allow_pickle": "Allow loading pickle (.bin/.ckpt) weights, which can run code.",
+    "pivotal": "Pivotal tuning: the token gets its own trained input embedding (added to the tokenizer), saved "
+               "beside the adapter as embeddings.safetensors (A1111 textual-inversion layout).",
+    "init_token": "With --pivotal: word(s) whose embedding starts the token's. [the class noun]",
+    "embedding_lr": "With --pivotal: learning rate of the token's embedding. [= --text-encoder-lr, else --lr]",
     "init": "LoRA initialisation: gaussian, or pissa/olora (start from the base weights' SVD/QR factors; the saved "
             "file is still a plain delta on the untouched base). lora, dora, rslora only.",
     "export": "Also write the adapter in this layout beside it (repeatable): kohya (A1111, ComfyUI).",
@@ -107,7 +113,7 @@ def _option_for(field: dataclasses.Field) -> click.Option | None:
         help_text += f" [default: {field.default}]"
     if kind is bool:
         return click.Option([f"{name}/--no-{name[2:]}", field.name], default=None, help=help_text)
-    if typing.get_origin(kind) is tuple:
+    if typing.get_origin(kind) is tuple or any(typing.get_origin(a) is tuple for a in typing.get_args(hint)):
         return click.Option([name, field.name], multiple=True, default=None, help=help_text)
     click_type: Any = click.Choice(CHOICES[field.name]) if field.name in CHOICES else kind
     return click.Option([name, field.name], type=click_type, default=None, help=help_text)

@@ -21,7 +21,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CROPS = ("center", "random")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
@@ -84,7 +84,8 @@ class TrainConfig:
     class_noun: str
     output_dir: str
     instance_prompt: str | None = None  # default: "a photo of {token} {class}"
-    class_prompt: str | None = None  # default: "a photo of {class}"
+    # default: "a photo of {class}"; several prompts (TOML list, repeated --class-prompt) split the class images
+    class_prompt: str | tuple[str, ...] | None = None
     # adapter
     variant: str = "lora"
     rank: int = 4
@@ -93,6 +94,10 @@ class TrainConfig:
     unet_target_modules: tuple[str, ...] = UNET_TARGETS
     text_encoder_target_modules: tuple[str, ...] = TEXT_ENCODER_TARGETS
     init: str = "gaussian"  # pissa/olora: start from the base weights' principal/QR factors (lora, dora, rslora)
+    # pivotal tuning: the token gets its own trained input embedding (saved as embeddings.safetensors)
+    pivotal: bool = False
+    init_token: str | None = None  # default: the class noun
+    embedding_lr: float | None = None  # default: = text_encoder_lr, else lr
     # prior preservation
     prior: bool = True
     prior_mode: str = "images"
@@ -157,6 +162,7 @@ class TrainConfig:
         self.sample_prompts = _as_tuple(self.sample_prompts)
         self.export = _as_tuple(self.export)
         self.validation_prompts = _as_tuple(self.validation_prompts)
+        self.class_prompt = _one_or_tuple(self.class_prompt)
         self.subjects = tuple(SubjectConfig.from_value(s, f"[[subjects]] entry {i}")
                               for i, s in enumerate(self.subjects or (), 1))
         if self.alpha is None:
@@ -212,6 +218,7 @@ class TrainConfig:
         _require(self.init == "gaussian" or self.variant in ("lora", "dora", "rslora"),
                  f"--init {self.init} works with --variant lora, dora or rslora, not {self.variant}")
         self._validate_features()
+        self._validate_pivotal()
         self._validate_subjects()
 
     def _validate_features(self) -> None:
@@ -226,6 +233,20 @@ class TrainConfig:
                  f"--validation-inference-steps must be positive, got {self.validation_inference_steps}")
         _require(not self.validation_every or bool(self.validation_prompts),
                  "--validation-every needs at least one --validation-prompt")
+
+    def _validate_pivotal(self) -> None:
+        _require(self.embedding_lr is None or self.embedding_lr > 0,
+                 f"--embedding-lr must be positive, got {self.embedding_lr}")
+        _require(self.init_token is None or bool(self.init_token.strip()), "--init-token must not be empty")
+        _require(not (self.pivotal and len(self.subjects) > 1 and not self.separate_adapters),
+                 "--pivotal trains one identifier embedding per adapter: with several [[subjects]], add "
+                 "--separate-adapters (one adapter and embedding each)")
+        _require(self.optimizer != "prodigy" or all(v in (None, self.lr) for v in (self.text_encoder_lr,
+                                                                                      self.embedding_lr)),
+                 "--optimizer prodigy takes one lr for every parameter group (prodigyopt requires it): leave "
+                 "--text-encoder-lr and --embedding-lr unset (or equal to --lr, normally 1.0)")
+        prompts = self.class_prompt if isinstance(self.class_prompt, tuple) else ()
+        _require(all(str(p).strip() for p in prompts), "--class-prompt must not be empty")
 
     def _validate_subjects(self) -> None:
         if not self.subjects:
@@ -260,9 +281,18 @@ class TrainConfig:
 
     @property
     def effective_class_prompt(self) -> str:
-        """The class (prior) prompt with `{class}` filled in."""
-        template = self.class_prompt or DEFAULT_CLASS_PROMPT
-        return fill_prompt(template, self.token, self.class_noun)
+        """The (first) class (prior) prompt with `{class}` filled in."""
+        return self.effective_class_prompts[0]
+
+    @property
+    def effective_class_prompts(self) -> tuple[str, ...]:
+        """Every class prompt with `{class}` filled in (the class images are split across them)."""
+        return tuple(fill_prompt(t, self.token, self.class_noun) for t in class_prompt_templates(self.class_prompt))
+
+    @property
+    def effective_init_token(self) -> str:
+        """The words whose embedding starts the --pivotal identifier (default: the class noun)."""
+        return (self.init_token or self.class_noun).strip()
 
     def total_steps(self, num_instance_images: int) -> int:
         """`steps`, or the default of 100 per instance image capped at 1500."""
@@ -317,6 +347,22 @@ class TrainConfig:
 
 def _as_tuple(value: Any) -> tuple:
     """A list option as a tuple; a lone string (``export = "kohya"`` in TOML) is one item, not its letters."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _one_or_tuple(value: Any) -> str | tuple[str, ...] | None:
+    """A repeatable option that stays a plain string when it holds one value (old configs and checkpoints compare
+    equal), a tuple when it holds several, None when empty."""
+    if value is None or isinstance(value, str):
+        return value
+    items = tuple(str(v) for v in value)
+    return None if not items else items[0] if len(items) == 1 else items
+
+
+def class_prompt_templates(value: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The class-prompt templates of a `class_prompt` value (the default when unset)."""
+    if not value:
+        return (DEFAULT_CLASS_PROMPT,)
     return (value,) if isinstance(value, str) else tuple(value)
 
 

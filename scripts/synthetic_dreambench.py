@@ -9,6 +9,7 @@ measures base and adapters with simple detectors. Writes synthetic_dreambench.{m
     python scripts/synthetic_dreambench.py --out synthetic-dreambench                 # ~2 min on 2 cores
     python scripts/synthetic_dreambench.py --out synthetic-dreambench --from-scratch  # ~7 min: pretrains the base too
     python scripts/synthetic_dreambench.py --out /tmp/sdb --quick                     # the CI variant (~1 min)
+    python scripts/synthetic_dreambench.py --out /tmp/sweep --quick --seeds 0,1,2     # configurations over seeds
 """
 from __future__ import annotations
 
@@ -33,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="adapter training steps")
     parser.add_argument("--samples", type=int, default=None, help="pictures per prompt family")
     parser.add_argument("--seed", type=int, default=None, help="seed of the subject photos and both trainings")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated seeds: compare training configurations over them (mean and spread)")
+    parser.add_argument("--configs", default=None,
+                        help="with --seeds: comma-separated configurations [the first five]: "
+                        + ", ".join(_configurations()))
     args = parser.parse_args(argv)
     if args.refresh_shipped and not args.from_scratch:
         parser.error("--refresh-shipped needs --from-scratch (it ships a base this run pretrained)")
@@ -49,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = with_overrides(CI_CONFIG if args.quick else BenchConfig(), steps=args.steps, samples=args.samples,
                          seed=args.seed)
     started = time.perf_counter()
+    if args.seeds:
+        return run_seeds(args, cfg, started)
     result = run_bench(cfg, args.out, cache_root=args.cache, from_scratch=args.from_scratch,
                        log=lambda m: print(f"[{time.perf_counter() - started:6.1f} s] {m}", flush=True))
     if args.refresh_shipped:
@@ -58,6 +66,33 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for name, path in result.files.items():
         print(f"{name}: {path}")
+    return 0
+
+
+def _configurations() -> list[str]:
+    from lora_dreambooth.synthetic.sweep import CONFIGURATIONS
+
+    return list(CONFIGURATIONS)
+
+
+def run_seeds(args: argparse.Namespace, cfg, started: float) -> int:
+    """--seeds: every configuration at every seed, then the side-by-side table of means and spreads."""
+    from lora_dreambooth.synthetic.sweep import run_sweep, sweep_table
+
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    from lora_dreambooth.synthetic.sweep import DEFAULT_SWEEP
+
+    configs = [c.strip() for c in args.configs.split(",")] if args.configs else list(DEFAULT_SWEEP)
+    unknown = [c for c in configs if c not in _configurations()]
+    if unknown:
+        raise SystemExit(f"Error: unknown configuration(s) {', '.join(unknown)}; known: {', '.join(_configurations())}")
+    result = run_sweep(cfg, args.out, seeds, configs, cache_root=args.cache,
+                       log=lambda m: print(f"[{time.perf_counter() - started:6.1f} s] {m}", flush=True))
+    table = sweep_table(result)
+    (args.out / "sweep.md").write_text(table + "\n")
+    print()
+    print(table)
+    print(f"\njson: {args.out / 'sweep.json'}\nmarkdown: {args.out / 'sweep.md'}")
     return 0
 
 

@@ -110,7 +110,7 @@ def find_images(folder: str | Path, *, what: str = "instance folder") -> list[Pa
     if not images:
         raise UserInputError(_no_images_message(label, other_files, subfolders))
     images.sort(key=lambda path: path.name)
-    if len(images) == 1:
+    if len(images) == 1 and not what.startswith("class image"):  # one class image per prompt is a normal split
         logger.warning("%s holds only one image (%s); DreamBooth usually needs 3-20 photos of the subject",
                        label, images[0].name)
     return images

@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from lora_dreambooth.config import (DEFAULT_CLASS_PROMPT, DEFAULT_INSTANCE_PROMPT, SubjectConfig, TrainConfig,
+from lora_dreambooth.config import (DEFAULT_INSTANCE_PROMPT, SubjectConfig, TrainConfig, class_prompt_templates,
                                     fill_prompt)
 from lora_dreambooth.data.captions import mentions, photo_prompts
 from lora_dreambooth.data.examples import Example, load_examples
@@ -35,8 +35,9 @@ class Subject:
     class_noun: str
     instance_dir: str
     instance_prompt: str
-    class_prompt: str
+    class_prompt: str  # the first class prompt
     class_dir: str | None
+    class_prompts: tuple[str, ...] = ()  # every class prompt (the class images are split across them)
 
 
 def resolve_subjects(cfg: TrainConfig) -> list[Subject]:
@@ -45,10 +46,11 @@ def resolve_subjects(cfg: TrainConfig) -> list[Subject]:
     subjects = []
     for index, entry in enumerate(entries):
         instance_template = entry.instance_prompt or cfg.instance_prompt or DEFAULT_INSTANCE_PROMPT
-        class_template = entry.class_prompt or cfg.class_prompt or DEFAULT_CLASS_PROMPT
+        templates = (entry.class_prompt,) if entry.class_prompt else class_prompt_templates(cfg.class_prompt)
+        class_prompts = tuple(dict.fromkeys(fill_prompt(t, entry.token, entry.class_noun) for t in templates))
         subjects.append(Subject(index, entry.label, entry.token, entry.class_noun, entry.instance_dir,
                                 fill_prompt(instance_template, entry.token, entry.class_noun),
-                                fill_prompt(class_template, entry.token, entry.class_noun), entry.class_dir))
+                                class_prompts[0], entry.class_dir, class_prompts))
     _check_prompts(subjects)
     return subjects
 
@@ -57,9 +59,10 @@ def _check_prompts(subjects: list[Subject]) -> None:
     folders: dict[Path, str] = {}
     for subject in subjects:
         for other in subjects:
-            if mentions(subject.class_prompt, other.token):
-                raise UserInputError(f"class prompt '{subject.class_prompt}' names the token '{other.token}'; "
-                                     f"class prompts describe the class only (e.g. 'a photo of {{class}}')")
+            for class_prompt in subject.class_prompts or (subject.class_prompt,):
+                if mentions(class_prompt, other.token):
+                    raise UserInputError(f"class prompt '{class_prompt}' names the token '{other.token}'; "
+                                         f"class prompts describe the class only (e.g. 'a photo of {{class}}')")
             if other is not subject and mentions(subject.instance_prompt, other.token):
                 raise UserInputError(f"instance prompt '{subject.instance_prompt}' of subject '{subject.name}' names "
                                      f"'{other.token}', the token of subject '{other.name}'")
@@ -97,19 +100,30 @@ def load_subject_examples(cfg: TrainConfig, subjects: list[Subject]) -> list[Exa
     return examples
 
 
-def class_image_sets(subjects: list[Subject]) -> list[tuple[str, str | None]]:
-    """The distinct (class prompt, class folder) pairs: subjects of one class share their class images."""
-    seen: dict[tuple[str, str | None], None] = {}
+def class_image_sets(subjects: list[Subject], num_class_images: int) -> list[tuple[str, str | None, int]]:
+    """The distinct (class prompt, class folder, image count) sets: subjects of one class share their class images.
+
+    A subject with several class prompts splits its `num_class_images` across them (the first prompts get one more
+    when it does not divide); with its own class folder, each prompt gets a numbered sub-folder of it.
+    """
+    seen: dict[tuple[str, str | None], int] = {}
     for subject in subjects:
-        seen.setdefault((subject.class_prompt, subject.class_dir), None)
-    return list(seen)
+        prompts = subject.class_prompts or (subject.class_prompt,)
+        share, extra = divmod(num_class_images, len(prompts))
+        for i, prompt in enumerate(prompts):
+            folder = subject.class_dir
+            if folder is not None and len(prompts) > 1:
+                folder = str(Path(folder) / f"prompt-{i:02d}")
+            seen.setdefault((prompt, folder), share + (i < extra))
+    return [(prompt, folder, count) for (prompt, folder), count in seen.items() if count > 0]
 
 
 def subjects_summary(subjects: list[Subject], examples: list[Example]) -> list[dict[str, Any]]:
     """The `subjects` list of the adapter metadata."""
     counts = Counter(e.subject for e in examples)
     return [{"name": s.name, "token": s.token, "class_noun": s.class_noun, "instance_prompt": s.instance_prompt,
-             "class_prompt": s.class_prompt, "num_instance_images": counts[s.index]} for s in subjects]
+             "class_prompt": s.class_prompt, **({"class_prompts": list(s.class_prompts)} if len(s.class_prompts) > 1
+                                                else {}), "num_instance_images": counts[s.index]} for s in subjects]
 
 
 def folder_name(label: str) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 
 from lora_dreambooth.errors import UserInputError
 from lora_dreambooth.files.atomic import atomic_path
+from lora_dreambooth.files.embeddings import bundle_tensors
 from lora_dreambooth.files.kohya import _DTYPE_NAMES, kohya_metadata, payload_to_kohya
 from lora_dreambooth.files.loading import read_payload
 from lora_dreambooth.files.metadata import ADAPTER_FILENAME, SAVE_DTYPES
@@ -39,6 +40,7 @@ def export_kohya(adapter: str | Path, out_file: str | Path, *, save_dtype: str |
     dtype = SAVE_DTYPES[save_dtype or _common_dtype(payload)]
     tensors = {k: (v.float() if k.endswith(".alpha") else v.to(dtype)).detach().cpu().contiguous()
                for k, v in tensors.items()}
+    tensors.update(bundle_tensors(source, payload.summary))  # --pivotal: the embedding travels inside, as kohya does
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=kohya_metadata(payload, tensors))
     return out

@@ -113,7 +113,7 @@ def _training_comment(summary: dict[str, Any]) -> str:
 # -- import -----------------------------------------------------------------------------------------------------
 def is_kohya_state_dict(tensors: Iterable[str]) -> bool:
     """Whether the keys are in the kohya/LyCORIS layout (`lora_unet_*`, `lora_te_*`)."""
-    keys = list(tensors)
+    keys = [k for k in tensors if not k.startswith("bundle_emb.")]  # bundled textual-inversion embeddings
     return bool(keys) and all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys)
 
 

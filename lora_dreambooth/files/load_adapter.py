@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lora_dreambooth.errors import UserInputError
+from lora_dreambooth.files.embeddings import bundled_embeddings, load_embedding_into
 from lora_dreambooth.files.loading import load_into_pipeline, needs_exact_loader
 from lora_dreambooth.files.metadata import ADAPTER_FILENAME, PICKLE_SUFFIXES, read_summary, resolve_adapter_file
 
@@ -65,9 +66,12 @@ def load_adapter(pipe: Any, path: str | Path, name: str | None = None, *, allow_
     if not is_pickle:
         _check_fits_pipeline(pipe, file)
     loader = _LOADERS.get(str(summary.get("variant", "lora")), _load_with_diffusers)
-    if not is_pickle and needs_exact_loader(file):  # DoRA text encoder, LoHa, LoKr: diffusers is inexact or refuses
-        loader = _load_exactly
+    bundled = not is_pickle and bool(bundled_embeddings(file))
+    if not is_pickle and (needs_exact_loader(file) or bundled):  # DoRA text encoder, LoHa, LoKr, bundled embeddings:
+        loader = _load_exactly  # diffusers is inexact or refuses
     try:
+        if not is_pickle:
+            load_embedding_into(pipe, file, summary)  # --pivotal: the identifier's trained embedding
         loader(pipe, file, name, summary)
         _check_loaded_shapes(pipe, file, name)
     except Exception as exc:

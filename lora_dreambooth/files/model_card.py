@@ -91,6 +91,10 @@ def _usage(summary: dict[str, Any], variant: AdapterVariant, base: str) -> list[
         load = ["# diffusers' own loader does not reproduce this variant exactly; lora-dreambooth's does",
                 "from lora_dreambooth import load_adapter",
                 'load_adapter(pipe, "path/to/this/folder")']
+    pivotal = summary.get("pivotal") or {}
+    if native and pivotal:  # --pivotal: the identifier's trained embedding first
+        load = [f'pipe.load_textual_inversion("path/to/this/folder/{pivotal.get("file", "embeddings.safetensors")}", '
+                f'token={json.dumps(pivotal.get("token", ""))})', *load]
     return ["## Use it with diffusers", "", "```python", "import torch",
             "from diffusers import StableDiffusionPipeline", "",
             f"pipe = StableDiffusionPipeline.from_pretrained({json.dumps(str(base))}, torch_dtype=torch.float16).to(\"cuda\")",
@@ -100,6 +104,10 @@ def _usage(summary: dict[str, Any], variant: AdapterVariant, base: str) -> list[
 def _files(summary: dict[str, Any], variant: AdapterVariant, kohya_file: str | None) -> list[str]:
     lines = ["## Files", "", f"- `{ADAPTER_FILENAME}`: diffusers layout, {variant.name}, with `lora_adapter_metadata`"
              " (alpha, rank) and lora-dreambooth metadata (token, prompts, settings)."]
+    pivotal = summary.get("pivotal") or {}
+    if pivotal:
+        lines.append(f"- `{pivotal.get('file', 'embeddings.safetensors')}`: the trained embedding of the token "
+                     f"`{pivotal.get('token')}` (--pivotal; A1111 textual-inversion layout).")
     if kohya_file:
         lines.append(f"- `{kohya_file}`: kohya/A1111/ComfyUI layout (`lora_unet_*`, `lora_te_*`"
                      + (", LyCORIS names" if variant.kohya_network_module != "networks.lora" else "") + ").")

@@ -50,17 +50,29 @@ def install_adapter_hooks(accelerator: Any) -> None:
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
+    from lora_dreambooth.adapters.embeddings import ROW_MODULE, row_state
+
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         for i, model in enumerate(models):
-            state = get_peft_model_state_dict(accelerator.unwrap_model(model), save_embedding_layers=False)
+            model = accelerator.unwrap_model(model)
+            state = get_peft_model_state_dict(model, save_embedding_layers=False) if _has_peft(model) else {}
+            state = {**state, **row_state(model)}  # --pivotal: the identifier's embedding row
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
                       str(Path(output_dir) / f"adapter_{i}.safetensors"))
         weights.clear()  # accelerate must not write the full models
 
     def load_hook(models: list, input_dir: str) -> None:
         for i, model in enumerate(list(models)):
+            model = accelerator.unwrap_model(model)
             state = load_file(str(Path(input_dir) / f"adapter_{i}.safetensors"))
-            result = set_peft_model_state_dict(accelerator.unwrap_model(model), state)
+            rows = row_state(model)
+            for name in [k for k in state if ROW_MODULE in k]:
+                if name not in rows:
+                    raise UserInputError(f"checkpoint '{input_dir}' does not match the model: unexpected {name}")
+                rows[name].data.copy_(state.pop(name))
+            if not _has_peft(model):
+                continue
+            result = set_peft_model_state_dict(model, state)
             unexpected = getattr(result, "unexpected_keys", None)
             if unexpected:
                 raise UserInputError(f"checkpoint '{input_dir}' does not match the model: unexpected {unexpected[:3]}")
@@ -68,6 +80,10 @@ def install_adapter_hooks(accelerator: Any) -> None:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _has_peft(model: Any) -> bool:
+    return bool(getattr(model, "peft_config", None))
 
 
 def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, config: dict[str, Any],

@@ -397,3 +397,15 @@ class GraphedTraining:
         """fp16: optimizer steps skipped for overflowing gradients (a device read)."""
         scaler = self.update.loss_scaler
         return scaler.skipped_steps() if scaler is not None else 0
+
+
+def enable_checkpointing(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, plan) -> None:
+    """Gradient checkpointing as the plan (an ExecutionPlan) says for the UNet, and for `text_encoder` when given.
+
+    Under a CUDA graph the recomputation must not read RNG state (a graph cannot); SD's blocks have no dropout.
+    """
+    if plan.gradient_checkpointing:
+        unet.enable_gradient_checkpointing(checkpoint_without_rng_state if plan.cuda_graph else None)
+    if text_encoder is not None:
+        text_encoder.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": not plan.cuda_graph})

@@ -17,20 +17,22 @@ from typing import Any
 import torch
 
 from lora_dreambooth.adapters import get_variant, inject_adapters
+from lora_dreambooth.adapters.embeddings import add_identifier_token, attach_trained_row
 from lora_dreambooth.config import TrainConfig
 from lora_dreambooth.data.subjects import (class_image_sets, load_subject_examples, resolve_subjects,
                                            subject_run_configs, subjects_summary)
 from lora_dreambooth.data.tokens import check_tokens
 from lora_dreambooth.files.adapter_file import save_adapter
 from lora_dreambooth.files.atomic import write_text_atomic
+from lora_dreambooth.files.embeddings import EMBEDDINGS_FILENAME, pivotal_summary, write_embedding
 from lora_dreambooth.files.export import finish_adapter_folder
 from lora_dreambooth.files.metadata import ADAPTER_FILENAME, adapter_summary
 from lora_dreambooth.models import base_identity, load_base, resolve_base
 from lora_dreambooth.training.batches import MicroBatches, Placement
 from lora_dreambooth.training.checkpoints import (install_adapter_hooks, latest_checkpoint, resume_from_latest,
                                                   save_checkpoint)
-from lora_dreambooth.training.graph import GraphedTraining, checkpoint_without_rng_state, compile_in_place
-from lora_dreambooth.training.lowmem import quantize_frozen
+from lora_dreambooth.training.graph import GraphedTraining, compile_in_place, enable_checkpointing
+from lora_dreambooth.training.lowmem import place_frozen_models
 from lora_dreambooth.training.objective import DreamBoothObjective
 from lora_dreambooth.training.optim import SkippedSteps, adapter_param_groups, build_lr_scheduler, build_optimizer
 from lora_dreambooth.training.phases import PhaseClock, loop_phases
@@ -69,6 +71,8 @@ class DreamBoothRecipe:
         if config.mixed_precision == "auto":  # the effective choice is what gets saved and checked on resume
             config = config.replace(mixed_precision=auto_mixed_precision())
         self.cfg = config
+        self.trains_text = config.train_text_encoder or config.pivotal  # the text encoder runs in every step
+        self.identifier = self.trained_row = None  # --pivotal: the identifier's token and its trained row
         self.out = Path(config.output_dir)
         self.start_step = 0
         self.stop_requested = False
@@ -113,13 +117,16 @@ class DreamBoothRecipe:
         """Warn about subject tokens the tokenizer splits or knows well; apply --prediction-type."""
         if self.accelerator.is_main_process:
             check_tokens(self.base.tokenizer, [s.token for s in self.subjects])
+        if self.cfg.pivotal:  # before any prompt is tokenized: the identifier becomes one new token
+            self.identifier = add_identifier_token(self.base.tokenizer, self.base.text_encoder, self.cfg.token)
         apply_prediction_type(self.base.noise_scheduler, self.cfg.prediction_type)
 
     def _prepare_class_images(self) -> list:
         """Class images of every class prompt (subjects of one class share them), generated where missing."""
         examples = []
-        for prompt, class_dir in class_image_sets(self.subjects):
-            examples += prepare_class_images(self.base, self.accelerator, self.cfg, prompt=prompt,
+        for prompt, class_dir, count in class_image_sets(self.subjects, self.cfg.num_class_images):
+            cfg = self.cfg.replace(num_class_images=count)
+            examples += prepare_class_images(self.base, self.accelerator, cfg, prompt=prompt,
                                              class_dir=class_dir, device=self.device, weight_dtype=self.weight_dtype,
                                              offload_after=bool(self.plan.quantize))
         return examples
@@ -127,15 +134,16 @@ class DreamBoothRecipe:
     def _prepare_text(self) -> None:
         """Tokenize every prompt once; with a frozen text encoder also cache its hidden states (and for
         --prior-mode model, the base's states in any case)."""
-        class_prompts = {s.class_prompt for s in self.subjects} if self.use_prior else set()
+        class_prompts = {p for s in self.subjects for p in (s.class_prompt, *s.class_prompts)} if self.use_prior \
+            else set()
         self.prompts = PromptTable.build(
             self.base.tokenizer, {e.prompt for e in self.instance} | {s.instance_prompt for s in self.subjects}
             | class_prompts | {e.prompt for e in self.class_examples}, self.device)
         self.cached_text = self.base_text = None
-        if not self.cfg.train_text_encoder or self.model_prior:
+        if not self.trains_text or self.model_prior:
             te = self.base.text_encoder.to(self.device, self.weight_dtype)
             self.base_text = self.prompts.encode(te, self.weight_dtype)
-            if not self.cfg.train_text_encoder:
+            if not self.trains_text:
                 self.cached_text = self.base_text
                 te.to("cpu")
 
@@ -154,37 +162,30 @@ class DreamBoothRecipe:
     def _inject_adapters(self) -> None:
         cfg, plan = self.cfg, self.plan
         unet = self.base.unet
-        text_encoder = self.base.text_encoder if cfg.train_text_encoder else None
-        for model in (unet, text_encoder):
-            if model is not None and plan.quantize:  # never the full-precision model on the device
-                quantize_frozen(model, compute_dtype=self.weight_dtype, device=self.device)
-            elif model is not None:
-                model.to(self.device, self.weight_dtype)
-        if plan.channels_last:  # NHWC convolutions: measured ~8% faster on an H100 (BENCHMARKS.md)
-            unet.to(memory_format=torch.channels_last)
+        text_encoder = self.base.text_encoder if self.trains_text else None
+        place_frozen_models(unet, text_encoder, plan, device=self.device, dtype=self.weight_dtype)
         self.variant = get_variant(cfg.variant)
-        self.adapters = inject_adapters(unet, text_encoder, self.variant, rank=cfg.rank, alpha=cfg.alpha,
-                                        unet_targets=cfg.unet_target_modules,
+        self.adapters = inject_adapters(unet, text_encoder if cfg.train_text_encoder else None, self.variant,
+                                        rank=cfg.rank, alpha=cfg.alpha, unet_targets=cfg.unet_target_modules,
                                         text_encoder_targets=cfg.text_encoder_target_modules, init=cfg.init)
-        if plan.gradient_checkpointing:  # a CUDA graph cannot read RNG state; SD's blocks have no dropout anyway
-            unet.enable_gradient_checkpointing(checkpoint_without_rng_state if plan.cuda_graph else None)
-        if cfg.gradient_checkpointing and text_encoder is not None:
-            text_encoder.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": not plan.cuda_graph})
+        if self.identifier is not None:  # after injection: peft freezes every parameter it did not add
+            self.trained_row = attach_trained_row(self.base.tokenizer, text_encoder, self.identifier,
+                                                  cfg.effective_init_token)
+        enable_checkpointing(unet, text_encoder if cfg.gradient_checkpointing else None, plan)
 
     def _prepare_optimization(self) -> None:
         cfg, acc = self.cfg, self.accelerator
-        groups = adapter_param_groups(cfg, self.base.unet, self.base.text_encoder if cfg.train_text_encoder else None,
+        groups = adapter_param_groups(cfg, self.base.unet, self.base.text_encoder if self.trains_text else None,
                                       num_processes=acc.num_processes, with_prior=self.use_prior,
                                       log_it=acc.is_main_process)
         optimizer = build_optimizer(cfg.optimizer, groups, weight_decay=cfg.weight_decay, device=self.device)
         scheduler = build_lr_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=cfg.warmup_steps,
                                        total_steps=self.total_steps, num_processes=acc.num_processes)
         install_adapter_hooks(acc)
-        models = [self.base.unet] + ([self.base.text_encoder] if cfg.train_text_encoder else [])
+        models = [self.base.unet] + ([self.base.text_encoder] if self.trains_text else [])
         prepared = acc.prepare(*models, optimizer, scheduler)
         self.unet = prepared[0]
-        self.text_encoder = prepared[1] if cfg.train_text_encoder else None
+        self.text_encoder = prepared[1] if self.trains_text else None
         self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
         self.params = [p for group in groups for p in group["params"]]
         self.objective = DreamBoothObjective(
@@ -345,8 +346,11 @@ class DreamBoothRecipe:
         if acc.is_main_process:
             unet = acc.unwrap_model(self.unet)
             te = acc.unwrap_model(self.text_encoder) if self.text_encoder is not None else None
-            result.adapter_path = save_adapter(self.out, unet, te, summary=self.summary(result.steps_done),
-                                               save_dtype=cfg.save_dtype)
+            result.adapter_path = save_adapter(self.out, unet, te if cfg.train_text_encoder else None,
+                                               summary=self.summary(result.steps_done), save_dtype=cfg.save_dtype)
+            if self.trained_row is not None:  # the trained row joins the matrix: the in-memory model is the saved one
+                write_embedding(self.out / EMBEDDINGS_FILENAME, cfg.token, self.trained_row.bake(),
+                                init_token=cfg.effective_init_token)
             write_text_atomic(self.out / "train_config.toml", cfg.to_toml())
             if cfg.sample_prompts:
                 write_sample_images(self.base, list(cfg.sample_prompts), self.out / "samples.png", device=self.device,
@@ -355,9 +359,9 @@ class DreamBoothRecipe:
 
     def summary(self, steps_done: int) -> dict[str, Any]:
         """Our metadata block: what a user (or the app) needs to know about this adapter."""
-        return adapter_summary(self.cfg, steps=steps_done, num_instance_images=len(self.instance),
-                               subjects=subjects_summary(self.subjects, self.instance), version=__version__,
-                               base=base_identity(self.cfg.base))
+        return {**adapter_summary(self.cfg, steps=steps_done, num_instance_images=len(self.instance),
+                                  subjects=subjects_summary(self.subjects, self.instance), version=__version__,
+                                  base=base_identity(self.cfg.base)), **pivotal_summary(self.cfg)}
 
 
 def train(config: TrainConfig) -> TrainResult:
