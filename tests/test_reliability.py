@@ -254,3 +254,39 @@ def test_a_checkpoint_written_before_the_restructuring_resumes_to_the_same_adapt
     assert resumed.keys() == finished.keys()
     for key, tensor in finished.items():
         torch.testing.assert_close(resumed[key], tensor, rtol=0, atol=0 if not torch.cuda.is_available() else 1e-4)
+
+
+def test_resume_keeps_how_this_run_steps_the_optimizer(tmp_path):
+    """A checkpoint's param groups carry the optimizer's execution flags: one written by a plain AdamW (a CPU run) must
+    not turn this run's fused AdamW (what a GPU run and its CUDA graph use) back into a plain one."""
+    from accelerate import Accelerator
+
+    from lora_dreambooth.training.checkpoints import keep_execution_flags
+    from lora_dreambooth.training.runtime import reset_single_process_state
+
+    def run(fused: bool):
+        reset_single_process_state()
+        accelerator = Accelerator(cpu=True)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused, foreach=None if fused else False)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        return accelerator, model, optimizer
+
+    accelerator, model, optimizer = run(fused=False)
+    model(torch.ones(3, 4)).sum().backward()
+    optimizer.step()
+    accelerator.save_state(str(tmp_path / "ckpt"))
+    saved = {k: v.clone() for k, v in optimizer.optimizer.state[optimizer.optimizer.param_groups[0]["params"][0]].items()}
+
+    accelerator, model, optimizer = run(fused=True)
+    with keep_execution_flags(optimizer):
+        accelerator.load_state(str(tmp_path / "ckpt"))
+    group = optimizer.optimizer.param_groups[0]
+    assert group["fused"] is True and not group["foreach"]
+    state = optimizer.optimizer.state[group["params"][0]]
+    for key, value in saved.items():  # the moments and the step count came through
+        torch.testing.assert_close(state[key], value)
+    model(torch.ones(3, 4)).sum().backward()
+    optimizer.step()  # the fused kernel steps the restored state
+    assert float(state["step"]) == 2

@@ -12,8 +12,11 @@ import json
 import logging
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import torch
 
 from lora_dreambooth.errors import UserInputError
 
@@ -131,15 +134,42 @@ def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], chec
                              f"use the original options or start over with --overwrite")
 
 
-def resume_from_latest(accelerator: Any, output_dir: str | Path, config: dict[str, Any]) -> int:
+def resume_from_latest(accelerator: Any, output_dir: str | Path, config: dict[str, Any],
+                       optimizer: torch.optim.Optimizer | None = None) -> int:
     """--resume: load the latest checkpoint of `output_dir` into `accelerator` (after checking that `config` may
-    continue it) and return its step; 0 (with a warning) when there is none."""
+    continue it) and return its step; 0 (with a warning) when there is none. How `optimizer` runs stays as this
+    run built it (see :func:`keep_execution_flags`)."""
     checkpoint = latest_checkpoint(output_dir)
     if checkpoint is None:
         log.warning("--resume: no checkpoint in '%s'; starting from step 0", output_dir)
         return 0
     state = read_checkpoint_state(checkpoint)
     check_resume_compatible(state["config"], config, checkpoint)
-    accelerator.load_state(str(checkpoint))
+    with keep_execution_flags(optimizer):
+        accelerator.load_state(str(checkpoint))
     log.info("resumed from '%s' at step %d", checkpoint, int(state["step"]))
     return int(state["step"])
+
+
+#: Optimizer options that say how a step runs, not what it computes.
+EXECUTION_FLAGS = ("fused", "foreach", "capturable")
+
+
+@contextmanager
+def keep_execution_flags(optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+    """Keep `optimizer`'s execution flags (fused, foreach, capturable) through a `load_state_dict` inside the block.
+
+    torch saves them in the param groups, so a checkpoint written on a CPU (plain AdamW) would turn a GPU run's
+    fused AdamW back into a plain one, which the CUDA graph cannot capture. The state is loaded again with this
+    run's flags, so torch also places it as they require (`step` on the device for fused/capturable).
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    built = [{k: g[k] for k in EXECUTION_FLAGS if k in g} for g in inner.param_groups] if inner is not None else []
+    yield
+    if inner is None:
+        return
+    state = inner.state_dict()
+    if any(group.get(k) != v for group, flags in zip(state["param_groups"], built) for k, v in flags.items()):
+        for group, flags in zip(state["param_groups"], built):
+            group.update(flags)
+        inner.load_state_dict(state)

@@ -195,7 +195,7 @@ class DreamBoothRecipe:
 
     def _maybe_resume(self) -> None:
         if self.cfg.resume:
-            self.start_step = resume_from_latest(self.accelerator, self.out, self.cfg.to_dict())
+            self.start_step = resume_from_latest(self.accelerator, self.out, self.cfg.to_dict(), self.optimizer)
 
     def _prepare_step_runner(self) -> None:
         """The step runs eagerly, or is replayed from CUDA graphs (fp16, accumulation, processes: graph.py)."""
