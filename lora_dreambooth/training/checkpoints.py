@@ -100,6 +100,7 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, config:
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()  # every rank has written its RNG state into `partial` before it is renamed
     if accelerator.is_main_process:
         (partial / STATE_FILE).write_text(json.dumps({"step": step, "config": config}, indent=2, sort_keys=True))
         if final.exists():
