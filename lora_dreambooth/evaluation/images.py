@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from lora_dreambooth.errors import UserInputError
 from lora_dreambooth.errors import first_line as _first_line
 from lora_dreambooth.evaluation.prompts import EvalPrompt
+from lora_dreambooth.files.atomic import atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MANIFEST_NAME = "images.json"
@@ -102,9 +102,8 @@ def _generated_with_prompts(
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
