@@ -82,10 +82,9 @@ def make_random_adapter(base: Path, variant: str, out_dir: Path, seed: int = 0) 
 
 def kohya_and_deltas(base: Path, adapter: str, work: Path) -> tuple[Path, Path]:
     """The adapter as a kohya file, and the weight deltas our own loader gives it (original-layout keys)."""
-    import torch
-    from peft.tuners.tuners_utils import BaseTunerLayer
     from safetensors.torch import load_file, save_file
 
+    from lora_dreambooth.adapters.fusing import adapter_weight_deltas
     from lora_dreambooth.files.checkpoint import text_encoder_to_original, unet_to_original
     from lora_dreambooth.files.export import export_kohya
     from lora_dreambooth.files.kohya import is_kohya_state_dict
@@ -103,16 +102,8 @@ def kohya_and_deltas(base: Path, adapter: str, work: Path) -> tuple[Path, Path]:
     deltas = {}
     for component, to_original in (("unet", lambda s: unet_to_original(s, model.unet.config)),
                                    ("text_encoder", text_encoder_to_original)):
-        found = {}
-        for module_name, module in getattr(pipe, component).named_modules():
-            if isinstance(module, BaseTunerLayer) and name in module.active_adapters:
-                weight = module.get_base_layer().weight
-                before = weight.detach().clone()
-                with torch.no_grad():
-                    module.merge(adapter_names=[name])
-                    found[f"{module_name}.weight"] = (weight.detach() - before).clone()
-                    module.unmerge()
-        deltas.update(to_original(found))
+        found = adapter_weight_deltas(getattr(pipe, component), name)
+        deltas.update(to_original({f"{module}.weight": delta for module, delta in found.items()}))
     delta_file = work / f"{stem}.deltas.safetensors"
     save_file({k: v.contiguous() for k, v in deltas.items()}, str(delta_file))
     return kohya, delta_file

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lora_dreambooth.adapters.fusing import adapter_weight_deltas
 from lora_dreambooth.files.export import export_kohya
 from lora_dreambooth.files.load_adapter import load_adapter
 
@@ -35,21 +36,10 @@ def lycoris_modules(weights: dict[str, torch.Tensor], models: dict[str, torch.nn
 
 def our_deltas(base, adapter) -> dict[str, torch.Tensor]:
     """'unet.<module>' / 'text_encoder.<module>' -> the weight change our loader applies (peft merge - base)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     pipe = fresh_pipeline(base)
     name = load_adapter(pipe, adapter)
-    deltas = {}
-    for component in ("unet", "text_encoder"):
-        for module_name, module in getattr(pipe, component).named_modules():
-            if isinstance(module, BaseTunerLayer) and name in module.active_adapters:
-                weight = module.get_base_layer().weight
-                before = weight.detach().clone()
-                with torch.no_grad():
-                    module.merge(adapter_names=[name])
-                    deltas[f"{component}.{module_name}"] = weight.detach() - before
-                    module.unmerge()
-    return deltas
+    return {f"{component}.{module}": delta for component in ("unet", "text_encoder")
+            for module, delta in adapter_weight_deltas(getattr(pipe, component), name).items()}
 
 
 LYCORIS_CLASS = {"lora": "LoConModule", "dora": "LoConModule", "loha": "LohaModule", "lokr": "LokrModule"}

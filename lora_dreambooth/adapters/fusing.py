@@ -27,3 +27,21 @@ def bypass_merged_adapters(model: torch.nn.Module) -> Callable[[], None]:
         swapped.clear()
 
     return restore
+
+
+@torch.no_grad()
+def adapter_weight_deltas(model: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Module name -> the change adapter `adapter_name` makes to that layer's weight, as peft's own merge computes
+    it (each layer is merged, read and unmerged again: the model is left as it was). What third-party loaders of an
+    exported adapter must reproduce."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    deltas = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer) and adapter_name in module.active_adapters:
+            weight = module.get_base_layer().weight
+            before = weight.detach().clone()
+            module.merge(adapter_names=[adapter_name])
+            deltas[name] = weight.detach() - before
+            module.unmerge()
+    return deltas
