@@ -126,6 +126,19 @@ def resolve_base(base: str, *, allow_pickle: bool = False) -> str:
     return base
 
 
+def prefer_flash_attention(device: torch.device | str) -> None:
+    """On a GPU, leave cuDNN's attention out of `scaled_dot_product_attention`'s choice (flash attention then runs).
+
+    cuDNN attention builds an execution plan for every new shape on first use: measured on an H200 (torch 2.11,
+    SD v1.4 at 512 px), the first training step took 9.9 s with it and 1.2 s without, the CUDA-graph capture 2.4 s
+    and 0.3 s, and 100 class images 21.4 s and 19.6 s. Its kernels are faster once planned (a training step 40.0 vs
+    42.8 ms), which pays back those ~10 s only after ~3,500 steps: longer than a DreamBooth run. Process-wide, as
+    torch's backend switches are; a no-op on a CPU.
+    """
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def load_base(base: str, *, allow_pickle: bool = False, device: torch.device | str | None = None,
               dtype: torch.dtype | None = None) -> BaseModel:
     """Load tokenizer, text encoder, UNet, VAE and the DDPM noise scheduler of an SD v1.x base.

@@ -81,9 +81,10 @@ class ResidentPipeline:
     def from_base(cls, base: str, *, device: str | None = None, dtype: str | None = None,
                   allow_pickle: bool = False, **kwargs: Any) -> "ResidentPipeline":
         """Load an SD v1.x base (local folder or hub id) once, with a DPM-Solver++ scheduler."""
-        from lora_dreambooth.models import load_base
+        from lora_dreambooth.models import load_base, prefer_flash_attention
 
         device = device or default_device()
+        prefer_flash_attention(device)  # the first picture waits for no cuDNN attention plans
         torch_dtype = _DTYPES[dtype] if dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
         model = load_base(base, allow_pickle=allow_pickle)
         pipe = model.pipeline()

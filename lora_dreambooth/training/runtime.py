@@ -16,6 +16,7 @@ import torch
 from lora_dreambooth.config import TrainConfig
 from lora_dreambooth.errors import TrainingDiverged, UserInputError
 from lora_dreambooth.files.metadata import ADAPTER_FILENAME
+from lora_dreambooth.models import prefer_flash_attention
 from lora_dreambooth.training.checkpoints import check_resume_compatible, latest_checkpoint, read_checkpoint_state
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ def auto_mixed_precision() -> str:
 
 def make_accelerator(cfg: TrainConfig, out: Path):
     """An accelerate `Accelerator` for this run (precision, accumulation, TensorBoard in `out/logs` when installed);
-    seeds every RNG and creates the output folder on the main process."""
+    seeds every RNG, creates the output folder on the main process and picks the attention kernels that start
+    fastest on its device (`models.prefer_flash_attention`)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -44,6 +46,7 @@ def make_accelerator(cfg: TrainConfig, out: Path):
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     set_seed(cfg.seed)
+    prefer_flash_attention(accelerator.device)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if log_with:
