@@ -9,7 +9,7 @@ in its own torchrun launch: 1 process x batch 2 with the graph, 2 processes x ba
 backward captured, one all-reduce of the flat LoRA gradients, captured optimizer step), 2 processes x batch 1 eager
 (accelerate's DDP). Two ranks share one GPU here, so 2-process it/s says nothing about 2-GPU scaling: it shows the
 graph path's gain over the eager multi-process path and that both train the adapter one process trains.
-Writes bench_processes.json and bench_processes.md.
+Writes bench_processes.json, bench_processes.md and each launch's output (run-N.log).
 """
 from __future__ import annotations
 
@@ -40,6 +40,10 @@ def rank_main(args: argparse.Namespace) -> None:
     """One torchrun rank: gloo process group on GPU 0, our recipe timed after the warm-up steps."""
     from accelerate import PartialState
 
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("lora_dreambooth.training.graph").setLevel(logging.DEBUG)  # a failed capture's traceback
     os.environ["LOCAL_RANK"] = "0"  # accelerate's device, DDP device ids and barriers: GPU 0 for every rank
     torch.cuda.set_device(0)
     PartialState(backend="gloo")  # accelerate must know the backend: its gather differs for gloo
@@ -48,10 +52,10 @@ def rank_main(args: argparse.Namespace) -> None:
     from lora_dreambooth import TrainConfig
 
     class Recipe(TimedRecipe):
-        def _prepare_step_runner(self) -> None:
+        def _prepare_optimization(self) -> None:  # before the models are prepared: DDP wraps them only without graph
             if not args.graph:
                 self.plan = dataclasses.replace(self.plan, cuda_graph=False)
-            super()._prepare_step_runner()
+            super()._prepare_optimization()
 
     work = Path(args.work)
     cfg = TrainConfig(instance_dir=str(work / "instance"), base=args.base, token="sks", class_noun="dog",
@@ -69,7 +73,8 @@ def rank_main(args: argparse.Namespace) -> None:
         adapter = torch.cat([p.detach().float().flatten().cpu() for p in recipe.params])
         torch.save(adapter, work / f"adapter-{args.label_index}.pt")
         row = {"its": args.steps / elapsed, "plan": recipe.plan.describe(), "last_loss": result.last_loss,
-               "skipped_steps": result.skipped_steps, "graph_captured": bool(recipe.graph and recipe.graph.replaying)}
+               "skipped_steps": result.skipped_steps, "graph_captured": bool(recipe.graph and recipe.graph.replaying),
+               "graph_disabled_reason": recipe.graph.disabled_reason if recipe.graph else "no graph in the plan"}
         (work / f"row-{args.label_index}.json").write_text(json.dumps(row))
     recipe.accelerator.end_training()
 
@@ -88,6 +93,7 @@ def launch(index: int, processes: int, batch: int, graph: bool, args: argparse.N
                args.mixed_precision] + (["--graph"] if graph else [])
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "4"}
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    (args.out_dir / f"run-{index}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         errors = [line for line in proc.stderr.splitlines() if "Error" in line][-12:]
         raise SystemExit(f"run {index} failed:\n" + "\n".join(errors) + f"\n{proc.stderr[-2000:]}")
@@ -126,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             row["adapter_distance_to_1x2"] = float((adapter - reference).norm() / reference.norm())
             rows.append(row)
             print(f"  {label:<36} {row['its']:6.2f} it/s  adapter distance {row['adapter_distance_to_1x2']:.2e}  "
-                  f"loss {row['last_loss']:.5f}  skipped {row['skipped_steps']}", flush=True)
+                  f"loss {row['last_loss']:.5f}  skipped {row['skipped_steps']}  graph {row['graph_captured']} "
+                  f"({row['graph_disabled_reason']})", flush=True)
     (args.out_dir / "bench_processes.json").write_text(json.dumps({"args": vars(args) | {"out_dir": str(args.out_dir)},
                                                                    "rows": rows}, indent=2, default=str))
     lines = [f"{args.resolution} px, R2 options of the fast profile, {args.mixed_precision}, {args.steps} steps after "

@@ -40,7 +40,9 @@ class _CapturedStep:
     def capture(cls, step: StepFunction, inputs: tuple[torch.Tensor, ...], pool) -> "_CapturedStep":
         static_inputs = [t.detach().clone() for t in inputs]
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # "thread_local": CUDA calls of other threads (the class-image PNG writers, gloo's workers) must not
+        # invalidate this thread's capture, as they can in the default "global" mode.
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             output = step(*static_inputs)
         return cls(graph, static_inputs, output)
 
@@ -116,6 +118,7 @@ class CudaGraphStep:
             self.disabled_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.warning("CUDA graph capture failed (%s); this run continues eagerly (slower, same results)",
                         self.disabled_reason)
+            log.debug("the failed capture", exc_info=True)
             torch.cuda.synchronize()
             if self.after_failed_capture is not None:
                 self.after_failed_capture()
@@ -334,6 +337,10 @@ class GraphedTraining:
     `finish()` ends the optimizer step: one all-reduce of the flat buffers when several processes train (run
     between replays: gloo cannot be captured, NCCL would gain one launch), then the captured optimizer update.
     With one process and no accumulation both parts are captured together in one graph, and `finish()` is empty.
+    Several processes need no DDP wrapper around the models (the recipe leaves it out): DDP fetches every
+    parameter's gradient accumulator when it is built, on the default stream, and a backward captured later must
+    then make that legacy stream wait for the capture, which CUDA refuses ("operation would make the legacy stream
+    depend on a capturing blocking stream", seen at 512 px with two ranks on an H200).
     """
 
     def __init__(self, forward_backward: StepFunction, update: OptimizerUpdate, *, accumulation: int = 1,

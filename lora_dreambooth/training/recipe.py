@@ -18,6 +18,7 @@ import torch
 
 from lora_dreambooth.adapters import get_variant, inject_adapters
 from lora_dreambooth.adapters.embeddings import add_identifier_token, attach_trained_row
+from lora_dreambooth.adapters.precision import adapters_compute_in_autocast
 from lora_dreambooth.config import TrainConfig
 from lora_dreambooth.data.subjects import (class_image_sets, load_subject_examples, resolve_subjects,
                                            subject_run_configs, subjects_summary)
@@ -183,10 +184,10 @@ class DreamBoothRecipe:
                                        total_steps=self.total_steps, num_processes=acc.num_processes)
         install_adapter_hooks(acc)
         models = [self.base.unet] + ([self.base.text_encoder] if self.trains_text else [])
-        prepared = acc.prepare(*models, optimizer, scheduler)
-        self.unet = prepared[0]
-        self.text_encoder = prepared[1] if self.trains_text else None
-        self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
+        ddp = not (self.plan.cuda_graph and acc.num_processes > 1)  # the graph all-reduces itself (GraphedTraining)
+        models = [acc.prepare(m) if ddp else acc.prepare_model(m, evaluation_mode=True) for m in models]
+        self.unet, self.text_encoder = models[0], models[1] if self.trains_text else None
+        self.optimizer, self.lr_scheduler = acc.prepare(optimizer, scheduler)
         self.params = [p for group in groups for p in group["params"]]
         self.objective = DreamBoothObjective(
             self.base.noise_scheduler, acc.unwrap_model(self.unet), batch_size=cfg.batch_size,
@@ -268,8 +269,9 @@ class DreamBoothRecipe:
 
     def _loss(self, unet, text_encoder, latents, noise, timesteps, rows, mask) -> torch.Tensor:
         noisy = self.base.noise_scheduler.add_noise(latents, noise, timesteps)
-        hidden = text_encoder(self.prompts.ids[rows])[0] if text_encoder is not None else self.cached_text[rows]
-        prediction = unet(noisy.to(self.weight_dtype), timesteps, hidden).sample
+        with adapters_compute_in_autocast((unet, text_encoder), enabled=self.cfg.mixed_precision != "no"):
+            hidden = text_encoder(self.prompts.ids[rows])[0] if text_encoder is not None else self.cached_text[rows]
+            prediction = unet(noisy.to(self.weight_dtype), timesteps, hidden).sample
         return self.objective(prediction, latents, noise, noisy, timesteps, rows, mask)
 
     def _train_step(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, rows: torch.Tensor,
