@@ -180,7 +180,13 @@ def reference_phases(events: list[tuple[float, str]], wall: float, steps_run: in
 def environment() -> dict:
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node()}
+    info = {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
+            # pip writes bytecode at install; without it (PYTHONDONTWRITEBYTECODE, --no-compile installs) every
+            # run compiles the libraries' sources again: ~15 s more start-up on the lent H200, ours and the reference's
+            "bytecode_written": not sys.flags.dont_write_bytecode}
+    if sys.flags.dont_write_bytecode:
+        print("warning: PYTHONDONTWRITEBYTECODE is set: imports compile from source in every run (unlike a pip "
+              "install); unset it and run `python -m compileall` on site-packages for a user's start-up", flush=True)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     for name in ("diffusers", "transformers", "peft", "accelerate"):
@@ -193,7 +199,7 @@ def environment() -> dict:
 
 def markdown(report: dict) -> str:
     lines = [f"GPU: {report['env'].get('gpu', 'none')}; torch {report['env']['torch']}; "
-             f"setting: {report['setting']}", ""]
+             f"bytecode cached: {'yes' if report['env'].get('bytecode_written') else 'no'}; setting: {report['setting']}", ""]
     for run in report["runs"]:
         total = run.get("extrapolated", {}).get("total_s", run["wall_s"])
         note = " (loop extrapolated from the steps run)" if "extrapolated" in run else ""

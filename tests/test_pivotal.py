@@ -50,6 +50,21 @@ def _fresh(base: Path):
     return pipe
 
 
+@pytest.fixture(scope="module", autouse=True)
+def deterministic_gpu_kernels():
+    """On a GPU the fp32 run's attention backward (memory-efficient SDPA) accumulates with atomics, so a resumed run
+    is not bit-identical there (seen on an H200); math attention and deterministic cuDNN make it so, as on a CPU."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cudnn.deterministic
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cudnn.deterministic = True
+    yield
+    torch.backends.cuda.enable_mem_efficient_sdp(saved[0])
+    torch.backends.cudnn.deterministic = saved[1]
+
+
 @pytest.fixture(scope="module")
 def pivotal_run(tiny_base, dog_dir, tmp_path_factory):
     """A finished --pivotal run (text-encoder LoRA on, two class prompts) and its in-memory pipeline's latents."""
@@ -59,11 +74,12 @@ def pivotal_run(tiny_base, dog_dir, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("LORA_DREAMBOOTH_CACHE", str(root / "cache"))
     try:
-        cfg = _config(tiny_base, dog_dir, root / "out", **PIVOTAL_RUN)
+        # fp32 (on a GPU too), and the trained model compared on the CPU, where the fresh pipelines below run
+        cfg = _config(tiny_base, dog_dir, root / "out", mixed_precision="no", **PIVOTAL_RUN)
         recipe = DreamBoothRecipe(cfg)
         recipe.setup()
         result = recipe.save(recipe.train())
-        pipe = recipe.base.pipeline(_scheduler(tiny_base))
+        pipe = recipe.base.pipeline(_scheduler(tiny_base)).to("cpu")
         latents = _latents(pipe)
         row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("sks")].clone()
     finally:

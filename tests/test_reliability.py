@@ -252,8 +252,11 @@ def test_a_checkpoint_written_before_the_restructuring_resumes_to_the_same_adapt
     assert any("resumed from" in r.getMessage() and r.getMessage().endswith("at step 4") for r in caplog.records)
     resumed, finished = load_file(str(result.adapter_path)), load_file(str(data / "finished_adapter.safetensors"))
     assert resumed.keys() == finished.keys()
+    # On a GPU, fp32 convolutions run in TF32 and Adam turns tiny gradient differences into steps of about lr:
+    # the 4 resumed steps at lr 1e-3 ended 4.1e-3 apart on an H200. On a CPU the run is bit-identical.
+    atol = 1e-2 if torch.cuda.is_available() else 0
     for key, tensor in finished.items():
-        torch.testing.assert_close(resumed[key], tensor, rtol=0, atol=0 if not torch.cuda.is_available() else 1e-4)
+        torch.testing.assert_close(resumed[key], tensor, rtol=0, atol=atol)
 
 
 def test_resume_keeps_how_this_run_steps_the_optimizer(tmp_path):
