@@ -198,8 +198,9 @@ def environment() -> dict:
 
 
 def markdown(report: dict) -> str:
+    bytecode = "yes" if report["env"].get("bytecode_written") else "no"
     lines = [f"GPU: {report['env'].get('gpu', 'none')}; torch {report['env']['torch']}; "
-             f"bytecode cached: {'yes' if report['env'].get('bytecode_written') else 'no'}; setting: {report['setting']}", ""]
+             f"bytecode cached: {bytecode}; setting: {report['setting']}", ""]
     for run in report["runs"]:
         total = run.get("extrapolated", {}).get("total_s", run["wall_s"])
         note = " (loop extrapolated from the steps run)" if "extrapolated" in run else ""

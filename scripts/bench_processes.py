@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -39,8 +40,6 @@ RUNS = [  # label, processes, batch per process, graph
 def rank_main(args: argparse.Namespace) -> None:
     """One torchrun rank: gloo process group on GPU 0, our recipe timed after the warm-up steps."""
     from accelerate import PartialState
-
-    import logging
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("lora_dreambooth.training.graph").setLevel(logging.DEBUG)  # a failed capture's traceback
