@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lora_dreambooth.data.examples import Example, encode_latents
+from lora_dreambooth.data.examples import Example, encode_latents, to_device
 
 Size = tuple[int, int]  # (width, height) in pixels
 MAX_ASPECT = 2.0
@@ -106,10 +106,10 @@ class BucketLatentCache:
         except KeyError:
             raise ValueError(f"examples {index_list} were not all encoded at {size[0]}x{size[1]}") from None
         plain, flipped = self._store[size]
-        rows_t = torch.tensor(rows, device=plain.device)
+        rows_t = to_device(torch.tensor(rows), plain.device)
         latents = plain[rows_t]
         if flipped is not None:
-            latents = torch.where(flips.to(latents.device).view(-1, 1, 1, 1), flipped[rows_t], latents)
+            latents = torch.where(to_device(flips, latents.device).view(-1, 1, 1, 1), flipped[rows_t], latents)
         return latents
 
 

@@ -19,6 +19,19 @@ log = logging.getLogger(__name__)
 MASK_SUFFIX = ".mask.png"
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A small host tensor (indices, flags) on `device` without making the host wait for the device.
+
+    A plain copy from pageable host memory synchronises the CUDA stream: in the training loop that made the host
+    wait for the queued steps to finish before it could prepare the next batch, so the GPU idled meanwhile. From
+    pinned memory the copy is queued like a kernel.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 @dataclass
 class Example:
     """One training image (already RGB, short side = resolution) and the prompt it is trained with."""
@@ -191,11 +204,11 @@ class LatentCache:
 
     def batch(self, indices: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         """Latents for `indices`, taking the mirrored encoding where `flips` is true."""
-        indices = indices.to(self.plain.device)
+        indices = to_device(indices, self.plain.device)
         latents = self.plain[indices]
         if self.flipped is not None:
             mirrored = self.flipped[indices]
-            latents = torch.where(flips.to(latents.device).view(-1, 1, 1, 1), mirrored, latents)
+            latents = torch.where(to_device(flips, latents.device).view(-1, 1, 1, 1), mirrored, latents)
         return latents
 
 

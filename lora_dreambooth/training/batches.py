@@ -16,7 +16,7 @@ from lora_dreambooth.config import TrainConfig
 from lora_dreambooth.data.buckets import (BucketLatentCache, BucketSampler, MaskCache, assign_buckets, bucket_sizes,
                                           bucket_step, vae_factor)
 from lora_dreambooth.data.captions import dropout_mask
-from lora_dreambooth.data.examples import EpochSampler, Example, LatentCache, Shard
+from lora_dreambooth.data.examples import EpochSampler, Example, LatentCache, Shard, to_device
 from lora_dreambooth.data.subjects import Subject
 from lora_dreambooth.training.losses import add_noise_offset
 from lora_dreambooth.training.prompts import PromptTable
@@ -98,11 +98,12 @@ class MicroBatches:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("rank %d micro-batch %d instance images %s", self.place.rank, micro_index, idx.tolist())
         latents = self.instance_latents.batch(idx, flips)
-        rows = self.instance_rows[idx.to(device)]
+        idx_on_device = to_device(idx, device)
+        rows = self.instance_rows[idx_on_device]
         if self.cfg.caption_dropout > 0:
             drop = dropout_mask(self.cfg.seed, micro_index, len(idx), self.cfg.caption_dropout,
                                 rank=self.place.rank, world_size=self.place.world)
-            rows = torch.where(drop.to(device), self.fallback_rows[idx.to(device)], rows)
+            rows = torch.where(to_device(drop, device), self.fallback_rows[idx_on_device], rows)
         if self.use_prior:
             prior_latents, prior_rows = self._prior_batch(micro_index, idx, latents)
             latents, rows = torch.cat([latents, prior_latents]), torch.cat([rows, prior_rows])
@@ -113,13 +114,13 @@ class MicroBatches:
     def _prior_batch(self, micro_index: int, idx: torch.Tensor, latents: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.model_prior:  # the frozen base predicts the target for the instance latents with the class prompt
-            return latents, self.subject_class_rows[self.instance_subjects[idx.to(self.place.device)]]
+            return latents, self.subject_class_rows[self.instance_subjects[to_device(idx, self.place.device)]]
         cidx, cflips = self.class_sampler.indices(micro_index)
         if self.cfg.buckets:
             class_latents = self.class_latents.batch(cidx, cflips, self.instance_latents.size_of(int(idx[0])))
         else:
             class_latents = self.class_latents.batch(cidx, cflips)
-        return class_latents, self.class_rows[cidx.to(self.place.device)]
+        return class_latents, self.class_rows[to_device(cidx, self.place.device)]
 
     def masks(self, micro_index: int) -> tuple[torch.Tensor, ...]:
         """(mask,) of the micro-batch with --masked-loss (prior rows count everywhere), else ()."""

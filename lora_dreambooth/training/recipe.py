@@ -230,7 +230,7 @@ class DreamBoothRecipe:
                     loss = self._micro_step(step * cfg.gradient_accumulation + micro)
                     loss_sum += loss.detach()
                     first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
-                                            torch.tensor(step, device=self.device), first_bad)
+                                            torch.full((), step, device=self.device), first_bad)
                 done = step + 1
                 if done % cfg.log_every == 0 or done == self.total_steps or self.stop_requested:
                     last_loss = self._report(loss_sum, first_bad, done, bar, window_start)
