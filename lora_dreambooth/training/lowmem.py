@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_dreambooth.adapters.precision import norms_compute_in_weight_dtype
 from lora_dreambooth.config import TrainConfig, parse_size
 from lora_dreambooth.errors import UserInputError
 
@@ -455,11 +456,14 @@ def place_frozen_models(unet: nn.Module, text_encoder: nn.Module | None, plan: E
                         device: torch.device, dtype: torch.dtype) -> None:
     """Put the frozen base where the plan runs it: NF4-quantized layer by layer from the CPU copy (the
     full-precision model never lands on the device), or cast to the compute dtype; NHWC convolutions when planned
-    (measured ~8% faster on an H100, BENCHMARKS.md)."""
+    (measured ~8% faster on an H100, BENCHMARKS.md). In a 16-bit compute dtype the norm layers then compute in it
+    under autocast too (`norms_compute_in_weight_dtype`: 11% faster R2 steps on an H200, BENCHMARKS.md)."""
     for model in (unet, text_encoder):
         if model is not None and plan.quantize:
             quantize_frozen(model, compute_dtype=dtype, device=device)
         elif model is not None:
             model.to(device, dtype)
+        if model is not None:
+            norms_compute_in_weight_dtype(model)
     if plan.channels_last:
         unet.to(memory_format=torch.channels_last)
