@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,15 @@ import pytest
 from lora_dreambooth.demo import example_photos
 
 REPO = Path(__file__).resolve().parents[1]
+# One thread, like the CLI subprocesses below (`run_cli` passes OMP_NUM_THREADS=1 when it is unset): tests compare
+# in-process runs with subprocess runs bit for bit, and a CPU splits its sums by the thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Test files whose expensive fixtures are shared run on one xdist worker together (`--dist loadgroup`); every other
 # file is a group of its own, so a module-scoped fixture is never built twice on two workers.
@@ -75,6 +85,45 @@ def dog_dir() -> Path:
 @pytest.fixture(scope="session")
 def cat_dir() -> Path:
     return example_photos("cat")
+
+
+# Kernels whose results do not depend on timing. A GPU's flash and memory-efficient attention backward passes
+# accumulate with atomics, so two identical runs differ in the last bits there (seen on an H200: adapters 1e-4
+# apart after a resume). Tests that compare runs bit for bit use math attention and deterministic cuDNN on a GPU,
+# as a CPU always is. Subprocess drivers run DETERMINISTIC_GPU_KERNELS_CODE.
+DETERMINISTIC_GPU_KERNELS_CODE = """
+import torch
+if torch.cuda.is_available():
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cudnn.deterministic = True
+"""
+
+
+@contextmanager
+def deterministic_gpu_kernels_context():
+    """The in-process form of DETERMINISTIC_GPU_KERNELS_CODE, undone afterwards."""
+    import torch
+
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+             torch.backends.cudnn.deterministic)
+    exec(DETERMINISTIC_GPU_KERNELS_CODE, {})
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_flash_sdp(saved[0])
+        torch.backends.cuda.enable_mem_efficient_sdp(saved[1])
+        torch.backends.cudnn.deterministic = saved[2]
+
+
+@pytest.fixture(scope="module")
+def deterministic_gpu_kernels():
+    """For a module whose runs are compared bit for bit (use it as an autouse module fixture there)."""
+    with deterministic_gpu_kernels_context():
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -51,18 +51,8 @@ def _fresh(base: Path):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def deterministic_gpu_kernels():
-    """On a GPU the fp32 run's attention backward (memory-efficient SDPA) accumulates with atomics, so a resumed run
-    is not bit-identical there (seen on an H200); math attention and deterministic cuDNN make it so, as on a CPU."""
-    if not torch.cuda.is_available():
-        yield
-        return
-    saved = torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cudnn.deterministic
-    torch.backends.cuda.enable_mem_efficient_sdp(False)
-    torch.backends.cudnn.deterministic = True
-    yield
-    torch.backends.cuda.enable_mem_efficient_sdp(saved[0])
-    torch.backends.cudnn.deterministic = saved[1]
+def _deterministic(deterministic_gpu_kernels):
+    """The bit-exact resume below holds on a GPU only with deterministic kernels (conftest)."""
 
 
 @pytest.fixture(scope="module")

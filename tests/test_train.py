@@ -39,13 +39,25 @@ def _fresh_pipeline(base):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_base, dog_dir):
-    """One in-process training run kept in memory (recipe + models) for several checks."""
+    """One in-process training run kept in memory (recipe + models) for several checks. Its models go to the CPU in
+    fp32 afterwards (on a GPU they trained in bf16 there), so that they compare with fresh CPU pipelines anywhere."""
     out = tmp_path_factory.mktemp("trained") / "adapter"
     cfg = _config(dog_dir, tiny_base, out, class_dir=str(out.parent / "class"), steps=12)
     recipe = DreamBoothRecipe(cfg)
     recipe.setup()
     result = recipe.save(recipe.train())
+    for model in (recipe.base.unet, recipe.base.text_encoder, recipe.base.vae):
+        model.to("cpu", torch.float32)
     return recipe, result, cfg
+
+
+def _load_base_weights_of(pipe, recipe) -> None:
+    """The base weights as the run held them, adapters left out: on a GPU the run rounded its frozen weights to bf16
+    (the picture then 1.4e-3 from a fresh fp32 base's), so the file is compared on the base it was trained on."""
+    for name in ("unet", "text_encoder", "vae"):
+        trained = getattr(recipe.base, name).state_dict()
+        base = {key.replace(".base_layer.", "."): value for key, value in trained.items() if ".lora_" not in key}
+        getattr(pipe, name).load_state_dict(base, strict=True)
 
 
 def test_saved_adapter_loads_in_plain_diffusers_and_matches_memory(trained, tiny_base):
@@ -53,6 +65,7 @@ def test_saved_adapter_loads_in_plain_diffusers_and_matches_memory(trained, tiny
     assert result.adapter_path == Path(cfg.output_dir) / ADAPTER_FILENAME
     in_memory = _generate(recipe.base.pipeline(scheduler=_fresh_pipeline(tiny_base).scheduler))
     fresh = _fresh_pipeline(tiny_base)
+    _load_base_weights_of(fresh, recipe)
     base_image = _generate(fresh)
     fresh.load_lora_weights(cfg.output_dir)
     loaded = _generate(fresh)
@@ -80,7 +93,7 @@ def test_adapter_file_metadata(trained):
 def test_training_lowers_instance_loss(trained):
     """Same noise and timesteps: the adapted UNet denoises the instance latents better than the base."""
     recipe, _, _ = trained
-    latents = recipe.batches.instance_latents.plain
+    latents = recipe.batches.instance_latents.plain.cpu()
     g = torch.Generator().manual_seed(123)
     noise = torch.randn(latents.shape, generator=g)
     losses = {}
@@ -91,7 +104,7 @@ def test_training_lowers_instance_loss(trained):
         te.enable_adapters() if enabled else te.disable_adapters()
         total = 0.0
         with torch.no_grad():
-            hidden = te(recipe.prompts.ids[recipe.batches.instance_rows])[0]
+            hidden = te(recipe.prompts.ids[recipe.batches.instance_rows].cpu())[0]
             for t in (100, 300, 500, 700, 900):
                 timesteps = torch.full((latents.shape[0],), t)
                 noisy = recipe.base.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -212,7 +225,7 @@ def test_repeatable_options_keep_whole_values(tmp_path, tiny_base, dog_dir, caps
     assert config.export == ("kohya",) and config.unet_target_modules == ("to_q",)
 
 
-def test_resume_from_checkpoint_is_bit_exact(tmp_path, tiny_base, dog_dir):
+def test_resume_from_checkpoint_is_bit_exact(tmp_path, tiny_base, dog_dir, deterministic_gpu_kernels):
     common = dict(steps=8, checkpoint_every=4, class_dir=str(tmp_path / "class"))
     full = DreamBoothRecipe(_config(dog_dir, tiny_base, tmp_path / "full", **common))
     full.setup()
