@@ -13,8 +13,8 @@ import pytest
 from lora_dreambooth.demo import example_photos
 
 REPO = Path(__file__).resolve().parents[1]
-# One thread, like the CLI subprocesses below (`run_cli` passes OMP_NUM_THREADS=1 when it is unset): tests compare
-# in-process runs with subprocess runs bit for bit, and a CPU splits its sums by the thread count.
+# One thread unless OMP_NUM_THREADS says otherwise, in-process and in the CLI subprocesses alike (they inherit it):
+# tests compare in-process runs with subprocess runs bit for bit, and a CPU splits its sums by the thread count.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
@@ -22,6 +22,7 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 # Test files whose expensive fixtures are shared run on one xdist worker together (`--dist loadgroup`); every other
 # file is a group of its own, so a module-scoped fixture is never built twice on two workers.
@@ -136,7 +137,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path | None = None
             ) -> subprocess.CompletedProcess:
     """Run `python -m lora_dreambooth ARGS` in a subprocess (the real entry point), capturing output."""
-    full_env = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "lora_dreambooth", *map(str, args)], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=cwd)
 
