@@ -425,3 +425,38 @@ def test_load_images_all_skipped_raises(tmp_path):
     with pytest.raises(UserInputError) as exc_info:
         load_images(paths, skip_bad=True)
     assert "none of the 2" in str(exc_info.value) and "\n" not in str(exc_info.value)
+
+
+def _mixed_folder(tmp_path: Path) -> list[Path]:
+    """Good photos around every kind of note: a bad file, a tiny one, an animated GIF, a corrupt EXIF block."""
+    paths = [save(noisy_rgb(40, 30, seed=i), tmp_path / f"{i:02d}.png") for i in range(6)]
+    (tmp_path / "03.png").write_text("not an image")
+    save(noisy_rgb(8, 6), tmp_path / "04.png")
+    frames = [Image.new("RGB", (40, 40), colour) for colour in [(255, 0, 0), (0, 255, 0)]]
+    frames[0].save(tmp_path / "06.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return paths + [tmp_path / "06.gif"]
+
+
+@pytest.mark.parametrize("with_pillow_warning", [False, True])
+def test_load_images_in_threads_match_one_by_one(tmp_path, caplog, with_pillow_warning):
+    paths = _mixed_folder(tmp_path)
+    if with_pillow_warning:  # a warning Pillow raises cannot be traced to its file across threads
+        broken_ifd = b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x02\x00\x12\x01\x03\x00\x01\x00"
+        Image.new("RGB", (40, 20), (200, 0, 0)).save(tmp_path / "07.jpg", exif=broken_ifd)
+        paths.append(tmp_path / "07.jpg")
+    runs = []
+    for workers in (1, 4):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=LOGGER), _no_pil_warnings():
+            loaded = load_images(paths, min_size=20, skip_bad=True, workers=workers)
+        runs.append(([(path, np.asarray(image).tolist()) for path, image in loaded],
+                     [record.getMessage() for record in caplog.records]))
+        with pytest.raises(UserInputError) as exc_info:
+            load_images(paths, workers=workers)
+        assert_one_line_naming(exc_info, paths[3])
+    assert runs[0] == runs[1]
+    loaded, messages = runs[1]
+    assert [path.name for path, _ in loaded] == ["00.png", "01.png", "02.png", "04.png", "05.png", "06.gif"] + (
+        ["07.jpg"] if with_pillow_warning else [])
+    assert [m.split("'")[1].rsplit("/", 1)[-1] for m in messages] == ["03.png", "04.png", "06.gif"] + (
+        ["07.jpg"] if with_pillow_warning else [])

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from lora_dreambooth.data.images import find_images, load_image, load_images
+from lora_dreambooth.data.images import decode_workers, find_images, load_image, load_images
 from lora_dreambooth.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def load_examples(folder: str | Path, prompt: str, resolution: int, *, what: str
     paths = [p for p in find_images(folder, what=what) if not is_mask_file(p)]
     if not paths:
         raise UserInputError(f"{what} '{folder}' holds only mask images (*{MASK_SUFFIX}), no photo")
-    loaded = load_images(paths, min_size=resolution, skip_bad=skip_bad)
+    loaded = load_images(paths, min_size=resolution, skip_bad=skip_bad, workers=decode_workers())
     texts = prompts([path for path, _ in loaded]) if prompts else [prompt] * len(loaded)
     examples = []
     for (path, image), text in zip(loaded, texts):

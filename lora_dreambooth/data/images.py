@@ -14,6 +14,7 @@ import threading
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,8 +44,10 @@ _IMAGE_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
                   struct.error, zlib.error)
 
-# Pillow's limits are module globals; we swap them for the duration of one decode, so serialise.
+# Pillow's limits are module globals; we swap them for the duration of one decode (or of one batch decoded in
+# threads), so serialise.
 _PIL_SETTINGS_LOCK = threading.Lock()
+MAX_PIXELS = 64_000_000  # a photo larger than this is refused before decoding (a decompression bomb)
 
 
 def _quote(path: str | Path) -> str:
@@ -224,28 +227,27 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # RGB (a copy), L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def _decode(path: Path, image: Image.Image, max_pixels: int) -> Image.Image:
+def _decode(path: Path, image: Image.Image, max_pixels: int, notes: list[str]) -> Image.Image:
     width, height = image.size  # from the header: nothing is decoded yet
     if width * height > max_pixels:
         raise UserInputError(
             f"image {_quote(path)} is {width}x{height} ({width * height:,} pixels), more than the limit of "
             f"{max_pixels:,} pixels; shrink it (possible decompression bomb)")
     if getattr(image, "is_animated", False) and image.format != "MPO":  # MPO: camera stereo/preview pair
-        logger.warning("image %s is animated (%d frames); using its first frame only",
-                       _quote(path), getattr(image, "n_frames", 0))
+        notes.append(f"image {_quote(path)} is animated ({getattr(image, 'n_frames', 0)} frames); using its first "
+                     "frame only")
         image.seek(0)
     image.load()
     try:
         oriented = ImageOps.exif_transpose(image)
     except _DECODE_ERRORS as exc:
-        logger.warning("image %s has unreadable EXIF orientation (%s); using it as stored",
-                       _quote(path), _one_line(exc))
+        notes.append(f"image {_quote(path)} has unreadable EXIF orientation ({_one_line(exc)}); using it as stored")
         oriented = image
     return _to_rgb(oriented if oriented is not None else image)
 
 
 def load_image(path: str | Path, *, min_size: int | None = None,
-               max_pixels: int = 64_000_000) -> Image.Image:
+               max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode one photo into a fully loaded RGB image.
 
     Applies the EXIF orientation; converts CMYK, 16-bit (scaled, not clipped), palette and greyscale images;
@@ -257,11 +259,21 @@ def load_image(path: str | Path, *, min_size: int | None = None,
         UserInputError: naming the file, when it is missing, unreadable, empty, truncated, not an image,
             in an unsupported format, or larger than ``max_pixels``.
     """
-    path = Path(path)
+    path, notes = Path(path), []
+    with _pillow_settings() as pillow_warnings:
+        rgb = _decode_file(path, max_pixels, notes)
+    notes += [f"image {_quote(path)}: {_one_line(caught.message)}" for caught in pillow_warnings]
+    _log_notes(path, rgb, notes, min_size)
+    return rgb
+
+
+def _decode_file(path: Path, max_pixels: int, notes: list[str]) -> Image.Image:
+    """The decoding part of :func:`load_image` (what would surprise the user goes into `notes`); the caller
+    holds :func:`_pillow_settings`."""
     _check_file(path)
     try:
-        with _pillow_settings() as pillow_warnings, Image.open(path) as image:
-            rgb = _decode(path, image, max_pixels)
+        with Image.open(path) as image:
+            return _decode(path, image, max_pixels, notes)
     except UserInputError:
         raise
     except PermissionError:
@@ -273,28 +285,45 @@ def load_image(path: str | Path, *, min_size: int | None = None,
     except MemoryError:
         raise UserInputError(f"image {_quote(path)} is too large to decode in the available memory") from None
 
-    for caught in pillow_warnings:
-        logger.warning("image %s: %s", _quote(path), _one_line(caught.message))
+
+def _log_notes(path: Path, rgb: Image.Image, notes: list[str], min_size: int | None) -> None:
+    for note in notes:
+        logger.warning("%s", note)
     if min_size is not None and min(rgb.size) < min_size:
         logger.warning("image %s is only %dx%d: its shorter side is below %d px, so it will be upscaled "
                        "(expect blur)", _quote(path), rgb.width, rgb.height, min_size)
-    return rgb
+
+
+def decode_workers() -> int:
+    """Threads that decode a folder of photos at once (Pillow's decoders release the GIL)."""
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def load_images(paths: Sequence[Path], *, min_size: int | None = None,
-                skip_bad: bool = False) -> list[tuple[Path, Image.Image]]:
+                skip_bad: bool = False, workers: int = 1) -> list[tuple[Path, Image.Image]]:
     """Load every photo with :func:`load_image`, in order.
 
     On a bad file, raise its :class:`UserInputError`; with ``skip_bad=True``, log
-    ``skipping <file>: <reason>`` and go on. An empty ``paths`` gives an empty list.
+    ``skipping <file>: <reason>`` and go on. An empty ``paths`` gives an empty list. With ``workers`` > 1 the
+    files decode in that many threads; the results, errors and warnings are the same, in the same order, as
+    one by one.
 
     Raises:
         UserInputError: a file is bad (``skip_bad=False``), or every file was skipped.
     """
+    paths = [Path(path) for path in paths]
+    decoded = _decode_in_threads(paths, workers) if workers > 1 and len(paths) > 1 else None
     loaded: list[tuple[Path, Image.Image]] = []
-    for path in paths:
+    for index, path in enumerate(paths):
         try:
-            loaded.append((Path(path), load_image(path, min_size=min_size)))
+            if decoded is None:
+                image = load_image(path, min_size=min_size)
+            elif isinstance(decoded[index], UserInputError):
+                raise decoded[index]
+            else:
+                image, notes = decoded[index]
+                _log_notes(path, image, notes, min_size)
+            loaded.append((path, image))
         except UserInputError as exc:
             if not skip_bad:
                 raise
@@ -303,3 +332,20 @@ def load_images(paths: Sequence[Path], *, min_size: int | None = None,
         raise UserInputError(f"none of the {len(paths)} image(s) could be loaded (first: {_quote(paths[0])}); "
                              "see the warnings above")
     return loaded
+
+
+def _decode_in_threads(paths: list[Path], workers: int
+                       ) -> list[tuple[Image.Image, list[str]] | UserInputError] | None:
+    """Every file decoded with its notes (or its error) under one Pillow-settings session; None when Pillow
+    warned about any of them, since a warning caught across threads cannot name its file: the caller then decodes
+    one by one."""
+    def decode(path: Path) -> tuple[Image.Image, list[str]] | UserInputError:
+        notes: list[str] = []
+        try:
+            return _decode_file(path, MAX_PIXELS, notes), notes
+        except UserInputError as exc:
+            return exc
+
+    with _pillow_settings() as pillow_warnings, ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(decode, paths))
+    return None if pillow_warnings else results
