@@ -5,10 +5,12 @@ read (the package's Synthetic DreamBench base: shapes whose kind and colour the 
 
     python scripts/class_image_steps.py --out-dir bench-out/class-steps            # CPU, about a minute
     python scripts/class_image_steps.py --base /tmp/sd14 --device cuda --count 100 --steps 12,25 --timing-only
+    python scripts/class_image_steps.py --scheduler unipc --steps 10   # another solver, same 100-step reference
 
 For every step count: the share of pictures that show the prompted shape, the colour entropy and pixel diversity
 of the set (a prior that keeps the class's variety), and the mean per-pixel distance to the `--reference-steps`
-solution of the same index (0 = converged). With `--timing-only` (any base, e.g. the random-weight SD v1.4 on a
+solution of the same index (0 = converged; the reference is always the trainer's DPM-Solver++ 2M, so `--scheduler`
+compares other solvers of the same ODE against it). With `--timing-only` (any base, e.g. the random-weight SD v1.4 on a
 GPU) it reports the wall time of each set only. Writes class_image_steps.json and class_image_steps.md.
 """
 from __future__ import annotations
@@ -29,11 +31,27 @@ from lora_dreambooth.models import load_base, prefer_flash_attention  # noqa: E4
 from lora_dreambooth.training.priors import ClassImagePlan, generate_class_images  # noqa: E402
 
 
-def generate(base, folder: Path, *, count: int, steps: int, prompt: str, resolution: int, seed: int) -> float:
-    """`count` class images into `folder` exactly as a training run makes them; the wall time in seconds."""
+# Multistep solvers that diffusers builds from the base's own scheduler config; the trainer uses the first.
+SCHEDULERS = {
+    "dpm-solver++": ("DPMSolverMultistepScheduler", {}),
+    "dpm-solver++-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpm-solver++-3m": ("DPMSolverMultistepScheduler", {"solver_order": 3}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
+}
+
+
+def generate(base, folder: Path, *, count: int, steps: int, prompt: str, resolution: int, seed: int,
+             scheduler: str = "dpm-solver++") -> float:
+    """`count` class images into `folder` exactly as a training run makes them (with `scheduler`'s solver);
+    the wall time in seconds."""
+    import diffusers
+
+    name, options = SCHEDULERS[scheduler]
+    solver = getattr(diffusers, name).from_config(base.noise_scheduler.config, **options)
     started = time.perf_counter()
-    generate_class_images(base.pipeline, ClassImagePlan(folder, 0, list(range(count))), prompt=prompt,
-                          resolution=resolution, steps=steps, seed=seed)
+    generate_class_images(lambda: base.pipeline(solver), ClassImagePlan(folder, 0, list(range(count))),
+                          prompt=prompt, resolution=resolution, steps=steps, seed=seed)
     return time.perf_counter() - started
 
 
@@ -51,23 +69,30 @@ def quality(images: list[np.ndarray], reference: list[np.ndarray], shape: str) -
     return {"shape_accuracy": float(np.mean([d.shape == shape for d in found])),
             "color_entropy": color_entropy(d.color for d in found),
             "diversity": diversity([im.astype(np.uint8) for im in images]),
-            "distance_to_reference": float(np.mean([np.abs(a - b).mean() / 255 for a, b in zip(images, reference)]))}
+            **_distances([np.abs(a - b).mean() / 255 for a, b in zip(images, reference)])}
+
+
+def _distances(per_image: list[float]) -> dict:
+    """Mean, median and 90th percentile: a few pictures that settle into another composition dominate the mean."""
+    return {"distance_to_reference": float(np.mean(per_image)), "distance_median": float(np.median(per_image)),
+            "distance_p90": float(np.percentile(per_image, 90))}
 
 
 def markdown(report: dict) -> str:
     timing_only = report["timing_only"]
     lines = [f"Base: {report['base']} on {report['device']}; {report['count']} class images of '{report['prompt']}' "
-             f"at {report['resolution']} px, DPM-Solver++ 2M, guidance 7.5 (the trainer's class-image generator)."
+             f"at {report['resolution']} px, {report['scheduler']}, guidance 7.5 (the trainer's class-image generator)."
              + ("" if timing_only else f" Distance: mean |pixel difference| to the {report['reference_steps']}-step "
-                                       "pictures of the same starting noise (0 = converged)."), ""]
+                                       "DPM-Solver++ 2M pictures of the same starting noise (0 = converged)."), ""]
     if timing_only:
         lines += ["| steps | seconds |", "|---|---|"]
         lines += [f"| {r['steps']} | {r['seconds']:.1f} |" for r in report["rows"]]
     else:
-        lines += ["| steps | shape right | colour entropy (bits) | diversity | distance to reference | seconds |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| steps | shape right | colour entropy (bits) | diversity | distance to reference (mean, median, "
+                  "90th pct.) | seconds |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['steps']} | {r['shape_accuracy']:.1%} | {r['color_entropy']:.2f} | {r['diversity']:.3f} "
-                  f"| {r['distance_to_reference']:.4f} | {r['seconds']:.1f} |" for r in report["rows"]]
+                  f"| {r['distance_to_reference']:.4f}, {r['distance_median']:.4f}, {r['distance_p90']:.4f} "
+                  f"| {r['seconds']:.1f} |" for r in report["rows"]]
     return "\n".join(lines) + "\n"
 
 
@@ -78,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=96)
     parser.add_argument("--steps", default="6,8,10,12,15,20,25", help="step counts to compare")
     parser.add_argument("--reference-steps", type=int, default=100)
+    parser.add_argument("--scheduler", default="dpm-solver++", choices=sorted(SCHEDULERS),
+                        help="the solver of the compared sets [dpm-solver++, the trainer's]")
     parser.add_argument("--resolution", type=int, default=None, help="[the base's own]")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--timing-only", action="store_true", help="wall time only (bases without detectors)")
@@ -101,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for steps in step_counts + ([] if args.timing_only else [args.reference_steps]):
             folder = Path(tmp) / f"steps-{steps}"
+            reference = steps == args.reference_steps and not args.timing_only and steps not in step_counts
             seconds = generate(base, folder, count=args.count, steps=steps, prompt=prompt, resolution=resolution,
-                               seed=0)
+                               seed=0, scheduler="dpm-solver++" if reference else args.scheduler)
             sets[steps] = (folder, seconds)
             print(f"{steps} steps: {seconds:.1f} s", flush=True)
         reference = None if args.timing_only else read_set(sets[args.reference_steps][0])
@@ -112,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(quality(read_set(sets[steps][0]), reference, args.shape))
             rows.append(row)
     report = {"base": args.base, "device": str(device), "count": args.count, "prompt": prompt,
+              "scheduler": args.scheduler,
               "resolution": resolution, "reference_steps": args.reference_steps, "timing_only": args.timing_only,
               "rows": rows}
     args.out_dir.mkdir(parents=True, exist_ok=True)
