@@ -31,9 +31,11 @@ from lora_dreambooth.models import load_base, prefer_flash_attention  # noqa: E4
 from lora_dreambooth.training.priors import ClassImagePlan, generate_class_images  # noqa: E402
 
 
-# Multistep solvers that diffusers builds from the base's own scheduler config; the trainer uses the first.
+# Multistep solvers that diffusers builds from the base's own scheduler config. None: the trainer's own solver
+# (`BaseModel.pipeline`'s default, DPM-Solver++ 2M), taken from there so that it cannot drift from what training uses.
+TRAINER_SCHEDULER = "dpm-solver++"
 SCHEDULERS = {
-    "dpm-solver++": ("DPMSolverMultistepScheduler", {}),
+    TRAINER_SCHEDULER: None,
     "dpm-solver++-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "dpm-solver++-3m": ("DPMSolverMultistepScheduler", {"solver_order": 3}),
     "unipc": ("UniPCMultistepScheduler", {}),
@@ -42,13 +44,15 @@ SCHEDULERS = {
 
 
 def generate(base, folder: Path, *, count: int, steps: int, prompt: str, resolution: int, seed: int,
-             scheduler: str = "dpm-solver++") -> float:
+             scheduler: str = TRAINER_SCHEDULER) -> float:
     """`count` class images into `folder` exactly as a training run makes them (with `scheduler`'s solver);
     the wall time in seconds."""
     import diffusers
 
-    name, options = SCHEDULERS[scheduler]
-    solver = getattr(diffusers, name).from_config(base.noise_scheduler.config, **options)
+    solver = None
+    if SCHEDULERS[scheduler] is not None:
+        name, options = SCHEDULERS[scheduler]
+        solver = getattr(diffusers, name).from_config(base.noise_scheduler.config, **options)
     started = time.perf_counter()
     generate_class_images(lambda: base.pipeline(solver), ClassImagePlan(folder, 0, list(range(count))),
                           prompt=prompt, resolution=resolution, steps=steps, seed=seed)
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=96)
     parser.add_argument("--steps", default="6,8,10,12,15,20,25", help="step counts to compare")
     parser.add_argument("--reference-steps", type=int, default=100)
-    parser.add_argument("--scheduler", default="dpm-solver++", choices=sorted(SCHEDULERS),
+    parser.add_argument("--scheduler", default=TRAINER_SCHEDULER, choices=sorted(SCHEDULERS),
                         help="the solver of the compared sets [dpm-solver++, the trainer's]")
     parser.add_argument("--resolution", type=int, default=None, help="[the base's own]")
     parser.add_argument("--device", default="cpu")
@@ -128,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for steps in step_counts + ([] if args.timing_only else [args.reference_steps]):
             folder = Path(tmp) / f"steps-{steps}"
-            reference = steps == args.reference_steps and not args.timing_only and steps not in step_counts
+            is_reference = steps == args.reference_steps and not args.timing_only and steps not in step_counts
             seconds = generate(base, folder, count=args.count, steps=steps, prompt=prompt, resolution=resolution,
-                               seed=0, scheduler="dpm-solver++" if reference else args.scheduler)
+                               seed=0, scheduler=TRAINER_SCHEDULER if is_reference else args.scheduler)
             sets[steps] = (folder, seconds)
             print(f"{steps} steps: {seconds:.1f} s", flush=True)
         reference = None if args.timing_only else read_set(sets[args.reference_steps][0])
