@@ -118,10 +118,26 @@ def crop_box(image: Image.Image, size: int, *, random_crop: bool, generator: tor
 def to_pixels(image: Image.Image, size: int, *, flip: bool = False, random_crop: bool = False,
               generator: torch.Generator | None = None) -> torch.Tensor:
     """A float tensor (3, size, size) in [-1, 1], as the SD VAE expects."""
-    crop = image.crop(crop_box(image, size, random_crop=random_crop, generator=generator))
-    array = np.asarray(crop, dtype=np.float32) / 127.5 - 1.0
-    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    crop = crop_bytes(image, size, random_crop=random_crop, generator=generator)
+    tensor = pixels_from_bytes(torch.from_numpy(crop).permute(2, 0, 1))
     return tensor.flip(-1) if flip else tensor
+
+
+def crop_bytes(image: Image.Image, size: int, *, random_crop: bool = False,
+               generator: torch.Generator | None = None) -> np.ndarray:
+    """The centre (or random) `size`x`size` crop as a uint8 array (size, size, channels)."""
+    return np.array(image.crop(crop_box(image, size, random_crop=random_crop, generator=generator)), dtype=np.uint8)
+
+
+def stacked_pixel_bytes(images: list[Image.Image], size: int) -> torch.Tensor:
+    """The centre crops of `images` as one uint8 tensor (n, 3, size, size): a quarter of the float pixels' bytes,
+    converted where the VAE runs (`encode_latents` does it chunk by chunk on its device)."""
+    return torch.from_numpy(np.stack([crop_bytes(image, size).transpose(2, 0, 1) for image in images]))
+
+
+def pixels_from_bytes(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (..., 3, H, W) as contiguous float32 in [-1, 1]."""
+    return (pixels.to(torch.float32) / 127.5 - 1.0).contiguous()
 
 
 @torch.no_grad()
@@ -130,14 +146,17 @@ def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor, *,
                    ) -> torch.Tensor:
     """VAE latents (already multiplied by the scaling factor) of a pixel batch, in fp32, chunked.
 
+    `pixels`: floats in [-1, 1], or uint8 (`stacked_pixel_bytes`), converted chunk by chunk on the VAE's device.
     `generator`: one for the whole batch, one per image (a list), or None for the posterior mean.
     """
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
     out = []
     for start in range(0, pixels.shape[0], batch_size):
-        chunk = pixels[start:start + batch_size]
-        dist = vae.encode(chunk.to(device, dtype)).latent_dist
+        chunk = pixels[start:start + batch_size].to(device)
+        if chunk.dtype == torch.uint8:
+            chunk = pixels_from_bytes(chunk)
+        dist = vae.encode(chunk.to(dtype)).latent_dist
         if isinstance(generator, list):
             noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g, device=device, dtype=dist.mean.dtype)
                                  for g in generator[start:start + batch_size]])
@@ -194,7 +213,7 @@ class LatentCache:
 
     def __init__(self, vae: torch.nn.Module, examples: list[Example], resolution: int, *, flip: bool,
                  seed: int, device: torch.device | str, shard: Shard | None = None, batch_size: int = 8):
-        pixels = torch.stack([to_pixels(e.image, resolution) for e in examples])
+        pixels = stacked_pixel_bytes([e.image for e in examples], resolution)
         self.plain = _encode_sharded(vae, pixels, seed * 2, shard, batch_size).to(device)
         self.flipped = (_encode_sharded(vae, pixels.flip(-1), seed * 2 + 1, shard, batch_size).to(device)
                         if flip else None)
