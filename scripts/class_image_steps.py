@@ -9,8 +9,8 @@ read (the package's Synthetic DreamBench base: shapes whose kind and colour the 
 
 For every step count: the share of pictures that show the prompted shape, the colour entropy and pixel diversity
 of the set (a prior that keeps the class's variety), and the mean per-pixel distance to the `--reference-steps`
-solution of the same index (0 = converged; the reference is always the trainer's DPM-Solver++ 2M, so `--scheduler`
-compares other solvers of the same ODE against it). With `--timing-only` (any base, e.g. the random-weight SD v1.4 on a
+solution of the same index (0 = converged; the reference is always plain DPM-Solver++ 2M, so `--scheduler`
+compares every solver of the same ODE, the trainer's included, against one yardstick). With `--timing-only` (any base, e.g. the random-weight SD v1.4 on a
 GPU) it reports the wall time of each set only. Writes class_image_steps.json and class_image_steps.md.
 """
 from __future__ import annotations
@@ -28,14 +28,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_dreambooth.models import load_base, prefer_flash_attention  # noqa: E402
-from lora_dreambooth.training.priors import ClassImagePlan, generate_class_images  # noqa: E402
+from lora_dreambooth.training.priors import ClassImagePlan, class_image_pipeline, generate_class_images  # noqa: E402
 
 
 # Multistep solvers that diffusers builds from the base's own scheduler config. None: the trainer's own solver
-# (`BaseModel.pipeline`'s default, DPM-Solver++ 2M), taken from there so that it cannot drift from what training uses.
-TRAINER_SCHEDULER = "dpm-solver++"
+# (`priors.class_image_pipeline`, DPM-Solver++ 2M), taken from there so that it cannot drift from
+# what training uses. The reference pictures are always REFERENCE_SCHEDULER's.
+TRAINER_SCHEDULER = "trainer"
+REFERENCE_SCHEDULER = "dpm-solver++"
 SCHEDULERS = {
     TRAINER_SCHEDULER: None,
+    REFERENCE_SCHEDULER: ("DPMSolverMultistepScheduler", {}),
     "dpm-solver++-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "dpm-solver++-3m": ("DPMSolverMultistepScheduler", {"solver_order": 3}),
     "unipc": ("UniPCMultistepScheduler", {}),
@@ -49,12 +52,14 @@ def generate(base, folder: Path, *, count: int, steps: int, prompt: str, resolut
     the wall time in seconds."""
     import diffusers
 
-    solver = None
-    if SCHEDULERS[scheduler] is not None:
+    def pipeline():
+        if SCHEDULERS[scheduler] is None:
+            return class_image_pipeline(base)
         name, options = SCHEDULERS[scheduler]
-        solver = getattr(diffusers, name).from_config(base.noise_scheduler.config, **options)
+        return base.pipeline(getattr(diffusers, name).from_config(base.noise_scheduler.config, **options))
+
     started = time.perf_counter()
-    generate_class_images(lambda: base.pipeline(solver), ClassImagePlan(folder, 0, list(range(count))),
+    generate_class_images(pipeline, ClassImagePlan(folder, 0, list(range(count))),
                           prompt=prompt, resolution=resolution, steps=steps, seed=seed)
     return time.perf_counter() - started
 
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", default="6,8,10,12,15,20,25", help="step counts to compare")
     parser.add_argument("--reference-steps", type=int, default=100)
     parser.add_argument("--scheduler", default=TRAINER_SCHEDULER, choices=sorted(SCHEDULERS),
-                        help="the solver of the compared sets [dpm-solver++, the trainer's]")
+                        help="the solver of the compared sets [trainer: the trainer's own, DPM-Solver++ 2M]")
     parser.add_argument("--resolution", type=int, default=None, help="[the base's own]")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--timing-only", action="store_true", help="wall time only (bases without detectors)")
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = Path(tmp) / f"steps-{steps}"
             is_reference = steps == args.reference_steps and not args.timing_only and steps not in step_counts
             seconds = generate(base, folder, count=args.count, steps=steps, prompt=prompt, resolution=resolution,
-                               seed=0, scheduler=TRAINER_SCHEDULER if is_reference else args.scheduler)
+                               seed=0, scheduler=REFERENCE_SCHEDULER if is_reference else args.scheduler)
             sets[steps] = (folder, seconds)
             print(f"{steps} steps: {seconds:.1f} s", flush=True)
         reference = None if args.timing_only else read_set(sets[args.reference_steps][0])
