@@ -1,4 +1,4 @@
 """`python -m lora_dreambooth ...` (also what `accelerate launch -m lora_dreambooth` runs)."""
-from lora_dreambooth.cli import main
+from lora_dreambooth.cli import run
 
-main()
+run()

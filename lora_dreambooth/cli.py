@@ -5,6 +5,7 @@ Exit codes: 0 success; 2 usage or bad input (one line `Error: ...` naming the cu
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import sys
@@ -444,5 +445,20 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
 
 
+def run() -> None:
+    """The `lora-dreambooth` console script and `python -m lora_dreambooth`: `main`, then a quick exit.
+
+    Before the interpreter exits, every object alive is frozen out of the garbage collector (`gc.freeze`): its
+    last collection would otherwise walk all the objects torch, diffusers and transformers created, which took
+    1.0-1.2 s after a finished `train` on a 2-core host (0.2 s frozen). Exit handlers, log flushing and thread
+    joins still run, objects without reference cycles are still freed, and the rest of the memory goes back to the
+    system with the process. Not in `main`, which tests and the app call in a process that goes on.
+    """
+    try:
+        main()
+    finally:
+        gc.freeze()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    run()
