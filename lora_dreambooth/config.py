@@ -104,7 +104,7 @@ class TrainConfig:
     prior_weight: float = 1.0
     class_dir: str | None = None  # default: a cache folder keyed by base + class prompt + resolution
     num_class_images: int = 100
-    class_inference_steps: int = 12  # DPM-Solver++ 2M: scripts/class_image_steps.py measured 12 as good as 25
+    class_inference_steps: int = 10  # DPM-Solver++ 2M Karras: as close to converged as plain 2M at 12
     # optimisation
     steps: int | None = None  # default: 100 per instance image, capped at 1500
     batch_size: int = 1

@@ -32,7 +32,7 @@ from lora_dreambooth.training.priors import ClassImagePlan, class_image_pipeline
 
 
 # Multistep solvers that diffusers builds from the base's own scheduler config. None: the trainer's own solver
-# (`priors.class_image_pipeline`, DPM-Solver++ 2M), taken from there so that it cannot drift from
+# (`priors.class_image_pipeline`, DPM-Solver++ 2M with Karras sigmas), taken from there so that it cannot drift from
 # what training uses. The reference pictures are always REFERENCE_SCHEDULER's.
 TRAINER_SCHEDULER = "trainer"
 REFERENCE_SCHEDULER = "dpm-solver++"
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", default="6,8,10,12,15,20,25", help="step counts to compare")
     parser.add_argument("--reference-steps", type=int, default=100)
     parser.add_argument("--scheduler", default=TRAINER_SCHEDULER, choices=sorted(SCHEDULERS),
-                        help="the solver of the compared sets [trainer: the trainer's own, DPM-Solver++ 2M]")
+                        help="the solver of the compared sets [trainer: the trainer's own, DPM-Solver++ 2M Karras]")
     parser.add_argument("--resolution", type=int, default=None, help="[the base's own]")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--timing-only", action="store_true", help="wall time only (bases without detectors)")
