@@ -10,7 +10,7 @@ The seed's setting: the photos at 512 px, the text encoder trained, prior preser
 generated in the run (a fresh class-image cache per run unless `--share-cache`), 1800 steps, every other option at
 its default. Each of our runs is one CLI subprocess; its wall time is split by the phases the command logs at the
 end (`phases: base load ..., total ...`), plus "start-up" (Python, imports, checks: wall time before the recipe's
-clock starts). `--runs` names our runs: `default` (no extra flags), `compile` (`--compile`), each optionally with
+clock starts) and "exit" (from the phase summary line until the process has ended). `--runs` names our runs: `default` (no extra flags), `compile` (`--compile`), each optionally with
 its own step count (`compile:300`: the loop rate and compile cost without a full run); a second `compile` in one
 call with `--share-cache` shows the warm compiler cache.
 
@@ -110,14 +110,16 @@ def run_ours(args: argparse.Namespace, spec: str, index: int, out: Path) -> dict
     env = {**os.environ, "LORA_DREAMBOOTH_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     wall, code, events = run_timed(cmd, out / f"{name}.log", env, args.timeout)
-    summary = next((text for _, text in reversed(events) if SUMMARY_PREFIX in text), None)
+    summary_at, summary = next(((at, text) for at, text in reversed(events) if SUMMARY_PREFIX in text), (wall, None))
     phases = parse_summary(summary) if summary else {}
     result = {"run": name, "flags": flags + args.extra.split(), "steps": steps, "exit_code": code,
               "wall_s": round(wall, 2), "phases_s": phases,
               "plan": next((t for _, t in events if t.startswith("profile: ")), None)}
     if phases:
-        startup = round(wall - phases["total"], 2)
-        result["phases_s"] = {"start-up (python, imports, checks)": startup, **phases}
+        startup = round(summary_at - phases["total"], 2)
+        recipe_phases = {k: v for k, v in phases.items() if k != "total"}
+        result["phases_s"] = {"start-up (python, imports, checks)": startup, **recipe_phases,
+                              "exit": round(wall - summary_at, 2), "total": phases["total"]}
         warm = next((k for k in phases if "warm-up" in k or "compile" in k), None)
         warm_steps = (4 if "graph" in warm else 2) if warm else 0  # GRAPH_WARMUP_STEPS + the capturing step
         if phases.get("loop"):
