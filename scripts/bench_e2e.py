@@ -10,9 +10,10 @@ The seed's setting: the photos at 512 px, the text encoder trained, prior preser
 generated in the run (a fresh class-image cache per run unless `--share-cache`), 1800 steps, every other option at
 its default. Each of our runs is one CLI subprocess; its wall time is split by the phases the command logs at the
 end (`phases: base load ..., total ...`), plus "start-up" (Python, imports, checks: wall time before the recipe's
-clock starts) and "exit" (from the phase summary line until the process has ended). `--runs` names our runs: `default` (no extra flags), `compile` (`--compile`), each optionally with
-its own step count (`compile:300`: the loop rate and compile cost without a full run); a second `compile` in one
-call with `--share-cache` shows the warm compiler cache.
+clock starts) and "exit" (from the phase summary line until the process has ended). `--runs` names our runs:
+`default` (no extra flags), `compile` (`--compile`), each optionally with its own step count (`compile:300`: the
+loop rate and compile cost without a full run); a second `compile` in one call with `--share-cache` shows the warm
+compiler cache.
 
 `--reference PATH` runs a user's copy of diffusers' examples/dreambooth/train_dreambooth_lora.py (never shipped)
 on the same base and photos, same setting (fp16 as its README runs it; its class images at its defaults: 50

@@ -10,8 +10,9 @@ read (the package's Synthetic DreamBench base: shapes whose kind and colour the 
 For every step count: the share of pictures that show the prompted shape, the colour entropy and pixel diversity
 of the set (a prior that keeps the class's variety), and the mean per-pixel distance to the `--reference-steps`
 solution of the same index (0 = converged; the reference is always plain DPM-Solver++ 2M, so `--scheduler`
-compares every solver of the same ODE, the trainer's included, against one yardstick). With `--timing-only` (any base, e.g. the random-weight SD v1.4 on a
-GPU) it reports the wall time of each set only. Writes class_image_steps.json and class_image_steps.md.
+compares every solver of the same ODE, the trainer's included, against one yardstick). With `--timing-only` (any
+base, e.g. the random-weight SD v1.4 on a GPU) it reports the wall time of each set only. Writes
+class_image_steps.json and class_image_steps.md.
 """
 from __future__ import annotations
 
