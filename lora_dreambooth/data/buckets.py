@@ -84,7 +84,7 @@ class BucketLatentCache:
         self._store: dict[Size, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._row: dict[tuple[int, Size], int] = {}
         for size in sorted(members):
-            pixels = torch.stack([pixels_for(examples[i].image, size) for i in members[size]])
+            pixels = stacked_bucket_bytes([examples[i].image for i in members[size]], size)
             plain = encode_latents(vae, pixels, generator=generator).to(device)
             flipped = encode_latents(vae, pixels.flip(-1), generator=generator).to(device) if flip else None
             self._store[size] = (plain, flipped)
@@ -133,10 +133,11 @@ class MaskCache:
                             for i, f in zip(indices, flips)])
 
 
-def pixels_for(image: Image.Image, size: Size) -> torch.Tensor:
-    """A (3, height, width) tensor in [-1, 1] of `image` fitted to `size`."""
-    array = np.asarray(fit_to_bucket(image, size), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1)
+def stacked_bucket_bytes(images: list[Image.Image], size: Size) -> torch.Tensor:
+    """`images` fitted to `size` as one uint8 tensor (n, 3, height, width), converted to [-1, 1] where the VAE
+    runs (`encode_latents`), as the unbucketed cache does."""
+    return torch.from_numpy(np.stack([np.array(fit_to_bucket(image, size), dtype=np.uint8).transpose(2, 0, 1)
+                                      for image in images]))
 
 
 @dataclass

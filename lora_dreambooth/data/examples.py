@@ -115,18 +115,9 @@ def crop_box(image: Image.Image, size: int, *, random_crop: bool, generator: tor
     return left, top, left + size, top + size
 
 
-def to_pixels(image: Image.Image, size: int, *, flip: bool = False, random_crop: bool = False,
-              generator: torch.Generator | None = None) -> torch.Tensor:
-    """A float tensor (3, size, size) in [-1, 1], as the SD VAE expects."""
-    crop = crop_bytes(image, size, random_crop=random_crop, generator=generator)
-    tensor = pixels_from_bytes(torch.from_numpy(crop).permute(2, 0, 1))
-    return tensor.flip(-1) if flip else tensor
-
-
-def crop_bytes(image: Image.Image, size: int, *, random_crop: bool = False,
-               generator: torch.Generator | None = None) -> np.ndarray:
-    """The centre (or random) `size`x`size` crop as a uint8 array (size, size, channels)."""
-    return np.array(image.crop(crop_box(image, size, random_crop=random_crop, generator=generator)), dtype=np.uint8)
+def crop_bytes(image: Image.Image, size: int) -> np.ndarray:
+    """The centre `size`x`size` crop as a uint8 array (size, size, channels)."""
+    return np.array(image.crop(crop_box(image, size, random_crop=False)), dtype=np.uint8)
 
 
 def stacked_pixel_bytes(images: list[Image.Image], size: int) -> torch.Tensor:
@@ -146,7 +137,8 @@ def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor, *,
                    ) -> torch.Tensor:
     """VAE latents (already multiplied by the scaling factor) of a pixel batch, in fp32, chunked.
 
-    `pixels`: floats in [-1, 1], or uint8 (`stacked_pixel_bytes`), converted chunk by chunk on the VAE's device.
+    `pixels`: floats in [-1, 1], or uint8 (`stacked_pixel_bytes`, `buckets.stacked_bucket_bytes`), converted
+    chunk by chunk on the VAE's device.
     `generator`: one for the whole batch, one per image (a list), or None for the posterior mean.
     """
     device = next(vae.parameters()).device
