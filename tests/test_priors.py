@@ -11,7 +11,8 @@ from PIL import Image
 
 from lora_dreambooth.models import load_base
 from lora_dreambooth.training.priors import (MANIFEST, check_manifest, default_class_dir, fitted_batch_size,
-                                             generate_class_images, generation_key, plan_class_images, write_manifest)
+                                             generate_class_images, generation_key, pixel_bytes, plan_class_images,
+                                             write_manifest)
 
 PROMPT = "a photo of dog"
 
@@ -52,6 +53,16 @@ def test_class_images_do_not_depend_on_batch_size_or_process_count(tmp_path, bas
     _generate(base, topped, batch_size=2, wanted=2)
     _generate(base, topped, batch_size=2, wanted=5)
     assert all(np.array_equal(a, reference[n]) for n, a in _pixels(topped).items())
+
+
+def test_pixel_bytes_are_the_bytes_of_diffusers_postprocess(base):
+    torch = pytest.importorskip("torch")
+    pixels = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.7  # some beyond [-1, 1]
+    pixels[0, 0, 0, :3] = torch.tensor([-1.0, 1.0, 0.0])  # the ends, and 127.5: a rounding tie
+    expected = [np.asarray(image) for image in base.pipeline().image_processor.postprocess(pixels, output_type="pil")]
+    ours = pixel_bytes(base.pipeline().image_processor, pixels).permute(0, 2, 3, 1).numpy()
+    assert ours.dtype == np.uint8
+    assert all(np.array_equal(a, b) for a, b in zip(expected, ours))
 
 
 def test_batches_are_balanced_and_capped():

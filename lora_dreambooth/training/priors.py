@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from PIL import Image
 
 from lora_dreambooth.config import TrainConfig, parse_size
 from lora_dreambooth.data.examples import Example, load_examples
@@ -252,8 +253,16 @@ def decode_latents(pipe, latents: torch.Tensor, *, max_bytes: int | None = None,
     for start in range(0, latents.shape[0], size):
         chunk = latents[start:start + size].to(vae.dtype) / vae.config.scaling_factor
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            images.append(vae.decode(chunk).sample.float())
-    return pipe.image_processor.postprocess(torch.cat(images), output_type="pil")
+            images.append(pixel_bytes(pipe.image_processor, vae.decode(chunk).sample.float()))
+    return [Image.fromarray(array) for array in torch.cat(images).permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def pixel_bytes(image_processor, pixels: torch.Tensor) -> torch.Tensor:
+    """Decoded fp32 pixels as uint8 (N, C, H, W), on their own device: the same bytes as `image_processor.postprocess(
+    pixels, output_type="pil")`, whose scaling and rounding run in numpy on one CPU core (about 1 s per 100 class
+    images at 512 px) after a copy of 4x the bytes."""
+    unit = image_processor.denormalize(pixels) if image_processor.config.do_normalize else pixels.clamp(0, 1)
+    return (unit * 255).round().to(torch.uint8)
 
 
 def write_manifest(folder: Path, *, base: str, prompt: str, resolution: int, seed: int, steps: int) -> None:
