@@ -260,7 +260,7 @@ def decode_latents(pipe, latents: torch.Tensor, *, max_bytes: int | None = None,
 def pixel_bytes(image_processor, pixels: torch.Tensor) -> torch.Tensor:
     """Decoded fp32 pixels as uint8 (N, C, H, W), on their own device: the same bytes as `image_processor.postprocess(
     pixels, output_type="pil")`, whose scaling and rounding run in numpy on one CPU core after a copy of 4x the
-    bytes (0.6-0.9 s per 100 class images at 512 px on an H200's host; 0.15 s this way)."""
+    bytes (0.6-0.9 s per 100 class images at 512 px on an H200's host; 0.2-0.3 s this way)."""
     unit = image_processor.denormalize(pixels) if image_processor.config.do_normalize else pixels.clamp(0, 1)
     return (unit * 255).round().to(torch.uint8)
 
