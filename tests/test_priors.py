@@ -56,11 +56,13 @@ def test_class_images_do_not_depend_on_batch_size_or_process_count(tmp_path, bas
 
 
 def test_pixel_bytes_are_the_bytes_of_diffusers_postprocess(base):
-    torch = pytest.importorskip("torch")
+    import torch
+
+    processor = base.pipeline().image_processor
     pixels = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.7  # some beyond [-1, 1]
     pixels[0, 0, 0, :3] = torch.tensor([-1.0, 1.0, 0.0])  # the ends, and 127.5: a rounding tie
-    expected = [np.asarray(image) for image in base.pipeline().image_processor.postprocess(pixels, output_type="pil")]
-    ours = pixel_bytes(base.pipeline().image_processor, pixels).permute(0, 2, 3, 1).numpy()
+    expected = [np.asarray(image) for image in processor.postprocess(pixels, output_type="pil")]
+    ours = pixel_bytes(processor, pixels).permute(0, 2, 3, 1).numpy()
     assert ours.dtype == np.uint8
     assert all(np.array_equal(a, b) for a, b in zip(expected, ours))
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lora_dreambooth.data.examples import Example, encode_latents, to_device
+from lora_dreambooth.data.examples import Example, encode_latents, stacked_pixel_bytes, to_device
 
 Size = tuple[int, int]  # (width, height) in pixels
 MAX_ASPECT = 2.0
@@ -84,7 +84,7 @@ class BucketLatentCache:
         self._store: dict[Size, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._row: dict[tuple[int, Size], int] = {}
         for size in sorted(members):
-            pixels = stacked_bucket_bytes([examples[i].image for i in members[size]], size)
+            pixels = stacked_pixel_bytes(fit_to_bucket(examples[i].image, size) for i in members[size])
             plain = encode_latents(vae, pixels, generator=generator).to(device)
             flipped = encode_latents(vae, pixels.flip(-1), generator=generator).to(device) if flip else None
             self._store[size] = (plain, flipped)
@@ -131,13 +131,6 @@ class MaskCache:
         """(batch, 1, h, w) masks of `indices`, mirrored where `flips`."""
         return torch.stack([self.masks[int(i)].flip(-1) if bool(f) else self.masks[int(i)]
                             for i, f in zip(indices, flips)])
-
-
-def stacked_bucket_bytes(images: list[Image.Image], size: Size) -> torch.Tensor:
-    """`images` fitted to `size` as one uint8 tensor (n, 3, height, width), converted to [-1, 1] where the VAE
-    runs (`encode_latents`), as the unbucketed cache does."""
-    return torch.from_numpy(np.stack([np.array(fit_to_bucket(image, size), dtype=np.uint8).transpose(2, 0, 1)
-                                      for image in images]))
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -115,15 +115,15 @@ def crop_box(image: Image.Image, size: int, *, random_crop: bool, generator: tor
     return left, top, left + size, top + size
 
 
-def crop_bytes(image: Image.Image, size: int) -> np.ndarray:
-    """The centre `size`x`size` crop as a uint8 array (size, size, channels)."""
-    return np.array(image.crop(crop_box(image, size, random_crop=False)), dtype=np.uint8)
+def centre_crop(image: Image.Image, size: int) -> Image.Image:
+    """The centre `size`x`size` crop of `image`."""
+    return image.crop(crop_box(image, size, random_crop=False))
 
 
-def stacked_pixel_bytes(images: list[Image.Image], size: int) -> torch.Tensor:
-    """The centre crops of `images` as one uint8 tensor (n, 3, size, size): a quarter of the float pixels' bytes,
+def stacked_pixel_bytes(images: Iterable[Image.Image]) -> torch.Tensor:
+    """Same-sized RGB `images` as one uint8 tensor (n, 3, height, width): a quarter of the float pixels' bytes,
     converted where the VAE runs (`encode_latents` does it chunk by chunk on its device)."""
-    return torch.from_numpy(np.stack([crop_bytes(image, size).transpose(2, 0, 1) for image in images]))
+    return torch.from_numpy(np.stack([np.asarray(image, dtype=np.uint8).transpose(2, 0, 1) for image in images]))
 
 
 def pixels_from_bytes(pixels: torch.Tensor) -> torch.Tensor:
@@ -137,8 +137,7 @@ def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor, *,
                    ) -> torch.Tensor:
     """VAE latents (already multiplied by the scaling factor) of a pixel batch, in fp32, chunked.
 
-    `pixels`: floats in [-1, 1], or uint8 (`stacked_pixel_bytes`, `buckets.stacked_bucket_bytes`), converted
-    chunk by chunk on the VAE's device.
+    `pixels`: floats in [-1, 1], or uint8 (`stacked_pixel_bytes`), converted chunk by chunk on the VAE's device.
     `generator`: one for the whole batch, one per image (a list), or None for the posterior mean.
     """
     device = next(vae.parameters()).device
@@ -205,7 +204,7 @@ class LatentCache:
 
     def __init__(self, vae: torch.nn.Module, examples: list[Example], resolution: int, *, flip: bool,
                  seed: int, device: torch.device | str, shard: Shard | None = None, batch_size: int = 8):
-        pixels = stacked_pixel_bytes([e.image for e in examples], resolution)
+        pixels = stacked_pixel_bytes(centre_crop(e.image, resolution) for e in examples)
         self.plain = _encode_sharded(vae, pixels, seed * 2, shard, batch_size).to(device)
         self.flipped = (_encode_sharded(vae, pixels.flip(-1), seed * 2 + 1, shard, batch_size).to(device)
                         if flip else None)
