@@ -64,6 +64,8 @@ TRAIN_HELP: dict[str, str] = {
     "resolution": "Training resolution (multiple of 8).",
     "crop": "Crop to a square at the centre or at random.",
     "flip": "Random horizontal flips.",
+    "latent_cache": "Keep the encoded latents in the cache folder: a rerun on the same photos, class images, "
+                    "resolution, seed and VAE loads them instead of encoding again.",
     "skip_bad_images": "Skip unreadable photos with a warning instead of stopping.",
     "seed": "Random seed (the whole run is reproducible from it).",
     "checkpoint_every": "Save a resumable checkpoint every N steps (0: never).",

@@ -126,6 +126,7 @@ class TrainConfig:
     resolution: int = 512
     crop: str = "center"
     flip: bool = False
+    latent_cache: bool = True  # keep encoded latents in the user cache folder; a rerun on the same images loads them
     skip_bad_images: bool = False
     seed: int = 0
     # run management

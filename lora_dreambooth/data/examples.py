@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageOps
 
 from lora_dreambooth.data.images import decode_workers, find_images, load_image, load_images
+from lora_dreambooth.data.latent_store import LatentStore
 from lora_dreambooth.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor, *,
         else:
             sample = dist.sample(generator=generator) if generator is not None else dist.mean
         out.append(sample.float() * vae.config.scaling_factor)
-    return torch.cat(out)
+    return torch.cat(out).contiguous()  # NCHW whatever layout the VAE chose, as a latent cache loads them
 
 
 @dataclass(frozen=True)
@@ -199,15 +200,28 @@ class LatentCache:
     With a `shard`, each process encodes only its contiguous slice of the examples and the slices are gathered,
     so every rank ends up with all latents while the VAE work is split. Each image's posterior sample comes
     from its own generator (seed, index, orientation): the latents do not depend on how the work was split.
-    `batch_size` images go through the VAE at a time (the caller sizes it to the free memory).
+    `batch_size` images go through the VAE at a time (the caller sizes it to the free memory). The VAE is moved to
+    `device` only when it has to encode: with a `store` (one process) that already holds these latents, they are
+    loaded and the VAE stays where it is.
     """
 
     def __init__(self, vae: torch.nn.Module, examples: list[Example], resolution: int, *, flip: bool,
-                 seed: int, device: torch.device | str, shard: Shard | None = None, batch_size: int = 8):
+                 seed: int, device: torch.device | str, shard: Shard | None = None, batch_size: int = 8,
+                 store: LatentStore | None = None):
         pixels = stacked_pixel_bytes(centre_crop(e.image, resolution) for e in examples)
+        device = torch.device(device)
+        key = store.key(vae, pixels, seed=seed, flip=flip, device_type=device.type) if store else None
+        saved = store.load(key, count=len(examples), flip=flip, device=device) if store else None
+        if saved is not None:
+            log.info("latents of %d images loaded from the cache (%s)", len(examples), store.path(key))
+            self.plain, self.flipped = saved["plain"], saved.get("flipped")
+            return
+        vae = vae.to(device)
         self.plain = _encode_sharded(vae, pixels, seed * 2, shard, batch_size).to(device)
         self.flipped = (_encode_sharded(vae, pixels.flip(-1), seed * 2 + 1, shard, batch_size).to(device)
                         if flip else None)
+        if store:
+            store.save(key, {"plain": self.plain, **({"flipped": self.flipped} if flip else {})})
 
     def __len__(self) -> int:
         return self.plain.shape[0]

@@ -17,6 +17,7 @@ from lora_dreambooth.data.buckets import (BucketLatentCache, BucketSampler, Mask
                                           bucket_step, vae_factor)
 from lora_dreambooth.data.captions import dropout_mask
 from lora_dreambooth.data.examples import EpochSampler, Example, LatentCache, Shard, to_device
+from lora_dreambooth.data.latent_store import LatentStore
 from lora_dreambooth.data.subjects import Subject
 from lora_dreambooth.training.losses import add_noise_offset
 from lora_dreambooth.training.prompts import PromptTable
@@ -51,20 +52,23 @@ class MicroBatches:
         self.class_latents = self.instance_masks = None
 
     # -- caching ------------------------------------------------------------------------------------------------
-    def cache_latents(self, vae: torch.nn.Module, unet: torch.nn.Module, *, batch_size: int = 8) -> None:
+    def cache_latents(self, vae: torch.nn.Module, unet: torch.nn.Module, *, batch_size: int = 8,
+                      store: LatentStore | None = None) -> None:
         """Encode every image once (per aspect-ratio bucket with --buckets), `batch_size` images per VAE call, and
-        set up the samplers and masks."""
+        set up the samplers and masks. The VAE moves to this rank's device when it encodes. With a `store` (square
+        crops, one process), latents an earlier run encoded from the same images are loaded instead."""
         cfg, place = self.cfg, self.place
         if cfg.buckets:
-            self._cache_bucket_latents(vae, unet)
+            self._cache_bucket_latents(vae.to(place.device), unet)
         else:
             shard = Shard(place.rank, place.world, place.gather) if place.world > 1 else None
+            store = store if shard is None else None  # ranks would have to agree on every hit: each run encodes
             self.instance_latents = LatentCache(vae, self.instance, cfg.resolution, flip=cfg.flip, seed=cfg.seed,
-                                                device=place.device, shard=shard, batch_size=batch_size)
+                                                device=place.device, shard=shard, batch_size=batch_size, store=store)
             if self.class_examples:
                 self.class_latents = LatentCache(vae, self.class_examples, cfg.resolution, flip=cfg.flip,
                                                  seed=cfg.seed + 1, device=place.device, shard=shard,
-                                                 batch_size=batch_size)
+                                                 batch_size=batch_size, store=store)
             self.instance_sampler = EpochSampler(len(self.instance), cfg.batch_size, cfg.seed, cfg.flip,
                                                  place.rank, place.world)
         if self.class_examples:

@@ -29,7 +29,7 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "checkpoint_every", "checkpoints_total_limit", "log_every",
                                "sample_prompts", "output_dir", "skip_bad_images", "instance_dir", "class_dir",
                                "allow_pickle", "compile", "export", "validation_prompts", "validation_every",
-                               "validation_inference_steps", "progress_file"})
+                               "validation_inference_steps", "progress_file", "latent_cache"})
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:

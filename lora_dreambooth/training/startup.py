@@ -13,8 +13,10 @@ from typing import Any
 import torch
 
 from lora_dreambooth.config import TrainConfig
+from lora_dreambooth.data.latent_store import LatentStore
 from lora_dreambooth.single_file import config_folder_for, is_single_file
 from lora_dreambooth.training.lowmem import ExecutionPlan, plan_for_base
+from lora_dreambooth.training.priors import default_cache_root
 
 log = logging.getLogger(__name__)
 # Peak bytes of encoding one 512 px image with the fp32 VAE (measured: a batch of 8 peaks at 6.3 GiB)
@@ -64,3 +66,8 @@ def latent_batch_size(cfg: TrainConfig, plan: ExecutionPlan, device: torch.devic
     if (plan.quantize or cfg.max_vram) and plan.predicted_bytes:
         budget = min(budget, plan.predicted_bytes - torch.cuda.memory_allocated(device))
     return max(1, min(MAX_ENCODE_BATCH, int(budget // per_image)))
+
+
+def latent_store(cfg: TrainConfig) -> LatentStore | None:
+    """Where latents are kept between runs (`latents/` in the user cache folder), or None with --no-latent-cache."""
+    return LatentStore(default_cache_root() / "latents") if cfg.latent_cache else None

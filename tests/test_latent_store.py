@@ -1,0 +1,117 @@
+"""Latents kept on disk between runs: a rerun loads them and trains exactly as encoding would; every input the
+latents depend on changes the key; a damaged file is a miss and an unwritable cache only warns. Real tiny VAE and
+training runs through the CLI entry point; CPU, a few seconds each."""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from lora_dreambooth.data.latent_store import LatentStore, weights_fingerprint
+from lora_dreambooth.files.metadata import ADAPTER_FILENAME
+
+from .conftest import cli_in_process, small_train_args
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bitwise(deterministic_gpu_kernels):
+    """The runs below are compared bit for bit."""
+
+
+@pytest.fixture(scope="module")
+def vae(tiny_base):
+    return AutoencoderKL.from_pretrained(tiny_base / "vae").eval()
+
+
+def _pixels(seed: int = 0, count: int = 3, size: int = 32) -> torch.Tensor:
+    return torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_rerun_loads_the_latents_and_trains_exactly_as_encoding_would(tmp_path, tiny_base, dog_dir, capsys,
+                                                                        monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LORA_DREAMBOOTH_CACHE", str(cache))
+    adapters, hits = {}, {}
+    for name, extra in (("first", ()), ("rerun", ()), ("no-cache", ("--no-latent-cache",))):
+        before = sorted(p.name for p in (cache / "latents").glob("*.safetensors"))
+        run = cli_in_process(capsys, *small_train_args(dog_dir, tiny_base, tmp_path / name, *extra))
+        assert run.returncode == 0, run.stderr
+        hits[name] = [line for line in run.stderr.splitlines() if "loaded from the cache" in line]
+        adapters[name] = load_file(tmp_path / name / ADAPTER_FILENAME)
+        if name == "first":  # the photos and the class images: one file each
+            assert len(list((cache / "latents").glob("*.safetensors"))) == 2
+        if name == "no-cache":
+            assert sorted(p.name for p in (cache / "latents").glob("*.safetensors")) == before
+    assert hits["first"] == [] and hits["no-cache"] == []
+    assert len(hits["rerun"]) == 2 and "latents of 5 images" in hits["rerun"][0]
+    assert not list(cache.glob("latents/*.partial"))
+    for name in ("rerun", "no-cache"):
+        assert adapters[name].keys() == adapters["first"].keys()
+        for key, tensor in adapters["first"].items():
+            assert torch.equal(adapters[name][key], tensor), (name, key)
+
+
+def test_the_key_changes_with_every_input_the_latents_depend_on(tmp_path, vae):
+    store = LatentStore(tmp_path)
+    pixels = _pixels()
+    key = store.key(vae, pixels, seed=0, flip=False, device_type="cpu")
+    assert store.key(copy.deepcopy(vae), pixels.clone(), seed=0, flip=False, device_type="cpu") == key
+    one_pixel = pixels.clone()
+    one_pixel[1, 2, 3, 4] ^= 1
+    nudged = copy.deepcopy(vae)
+    with torch.no_grad():
+        weight = nudged.encoder.conv_in.weight
+        weight[0, 0, 0, 0] = torch.nextafter(weight[0, 0, 0, 0], torch.tensor(10.0))  # one bit of one weight
+    other_config = AutoencoderKL.from_config({**vae.config, "scaling_factor": 0.2})
+    other_config.load_state_dict(vae.state_dict())
+    variants = [
+        store.key(vae, one_pixel, seed=0, flip=False, device_type="cpu"),
+        store.key(vae, pixels[:2], seed=0, flip=False, device_type="cpu"),
+        store.key(vae, pixels, seed=1, flip=False, device_type="cpu"),
+        store.key(vae, pixels, seed=0, flip=True, device_type="cpu"),
+        store.key(vae, pixels, seed=0, flip=False, device_type="cuda"),
+        store.key(nudged, pixels, seed=0, flip=False, device_type="cpu"),
+        store.key(other_config, pixels, seed=0, flip=False, device_type="cpu"),
+    ]
+    assert len(set(variants)) == len(variants) and key not in variants
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_weights_fingerprint_is_the_same_on_the_gpu(vae):
+    assert weights_fingerprint(copy.deepcopy(vae).cuda()) == weights_fingerprint(vae)
+
+
+def test_a_damaged_or_foreign_file_is_a_miss_and_an_unwritable_cache_only_warns(tmp_path, caplog):
+    store = LatentStore(tmp_path / "latents")
+    latents = torch.randn(3, 4, 4, 4)
+    store.save("good", {"plain": latents})
+    assert torch.equal(store.load("good", count=3, flip=False, device="cpu")["plain"], latents)
+    assert store.load("good", count=4, flip=False, device="cpu") is None  # another number of images
+    assert store.load("good", count=3, flip=True, device="cpu") is None  # no mirrored set in it
+    assert store.load("absent", count=3, flip=False, device="cpu") is None
+    store.path("damaged").write_bytes(b"not a safetensors file")
+    with caplog.at_level(logging.WARNING, logger="lora_dreambooth"):
+        assert store.load("damaged", count=3, flip=False, device="cpu") is None
+    assert "unreadable" in caplog.text and "damaged" in caplog.text
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lora_dreambooth"):
+        LatentStore(blocked / "latents").save("key", {"plain": latents})  # its folder cannot be made
+    assert "could not write" in caplog.text
+
+
+def test_only_the_most_recently_used_files_are_kept(tmp_path):
+    store = LatentStore(tmp_path, max_files=3)
+    for age, key in enumerate(("a", "b", "c")):
+        store.save(key, {"plain": torch.zeros(1, 4, 2, 2)})
+        os.utime(store.path(key), (1_000_000 + age, 1_000_000 + age))  # a is the oldest
+    assert store.load("a", count=1, flip=False, device="cpu") is not None  # a use makes it the newest
+    store.save("d", {"plain": torch.zeros(1, 4, 2, 2)})
+    assert sorted(p.stem for p in tmp_path.glob("*.safetensors")) == ["a", "c", "d"]  # b was the least recent
