@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 from lora_dreambooth.training.phases import SUMMARY_PREFIX, parse_summary  # noqa: E402
 
 TOKEN, CLASS_NOUN = "sks", "dog"
-RUN_FLAGS = {"default": [], "compile": ["--compile"]}
+RUN_FLAGS = {"default": [], "compile": ["--compile"], "no-latent-cache": ["--no-latent-cache"]}
 REF_RATE_FROM_STEP = 10  # the reference's first steps include its warm-up
 
 
@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--runs", default="default", help=f"our runs, comma-separated, of {sorted(RUN_FLAGS)}")
     parser.add_argument("--share-cache", action="store_true",
-                        help="one class-image and compiler cache for all our runs (later runs reuse class images)")
+                        help="one class-image, latent and compiler cache for all our runs (later runs reuse class images "
+                             "and latents)")
     parser.add_argument("--extra", default="", help="extra flags for every one of our runs, e.g. '--log-every 50'")
     parser.add_argument("--reference", default=None, help="path to diffusers' train_dreambooth_lora.py")
     parser.add_argument("--reference-steps", type=int, default=None,
