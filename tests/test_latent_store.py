@@ -115,3 +115,11 @@ def test_only_the_most_recently_used_files_are_kept(tmp_path):
     assert store.load("a", count=1, flip=False, device="cpu") is not None  # a use makes it the newest
     store.save("d", {"plain": torch.zeros(1, 4, 2, 2)})
     assert sorted(p.stem for p in tmp_path.glob("*.safetensors")) == ["a", "c", "d"]  # b was the least recent
+
+
+def test_the_cache_stays_within_its_bytes_and_keeps_the_newest_file(tmp_path):
+    store = LatentStore(tmp_path, max_bytes=1)  # smaller than any file
+    for age, key in enumerate(("a", "b")):
+        store.save(key, {"plain": torch.zeros(1, 4, 2, 2)})
+        os.utime(store.path(key), (1_000_000 + age, 1_000_000 + age))
+    assert [p.stem for p in tmp_path.glob("*.safetensors")] == ["b"]

@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 
 # Part of every key: bump it when encode_latents or the per-image generator seeds change what a key's latents are.
 STORE_VERSION = 1
-MAX_FILES = 64  # the oldest files (by last use) beyond this many are deleted after a save
+# After a save the least recently used files go until at most this many, of at most this many bytes, are left
+# (100 class images at 512 px are 6.5 MB; the newest file always stays).
+MAX_FILES = 64
+MAX_BYTES = 2 << 30
 
 
 def weights_fingerprint(model: torch.nn.Module) -> bytes:
@@ -47,11 +50,12 @@ def weights_fingerprint(model: torch.nn.Module) -> bytes:
 
 class LatentStore:
     """A folder of `<key>.safetensors` files, each holding the latents of one image set ("plain", and "flipped"
-    when mirrored copies were encoded), written atomically; at most `max_files` are kept."""
+    when mirrored copies were encoded), written atomically; the most recently used `max_files` (at most
+    `max_bytes` together) are kept."""
 
-    def __init__(self, folder: str | Path, *, max_files: int = MAX_FILES):
+    def __init__(self, folder: str | Path, *, max_files: int = MAX_FILES, max_bytes: int = MAX_BYTES):
         self.folder = Path(folder)
-        self.max_files = max_files
+        self.max_files, self.max_bytes = max_files, max_bytes
         self._fingerprints: dict[int, bytes] = {}
 
     def key(self, vae: torch.nn.Module, pixels: torch.Tensor, *, seed: int, flip: bool, device_type: str) -> str:
@@ -105,6 +109,10 @@ class LatentStore:
             log.warning("latent cache: could not write %s (%s); the run goes on without it", self.path(key), exc)
 
     def _prune(self) -> None:
-        files = sorted(self.folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for stale in files[self.max_files:]:
-            stale.unlink(missing_ok=True)
+        files = sorted(((p.stat().st_mtime, p.stat().st_size, p) for p in self.folder.glob("*.safetensors")),
+                       key=lambda entry: entry[0], reverse=True)
+        kept_bytes = 0
+        for index, (_, size, path) in enumerate(files):
+            kept_bytes += size
+            if index > 0 and (index >= self.max_files or kept_bytes > self.max_bytes):
+                path.unlink(missing_ok=True)
