@@ -2,12 +2,14 @@
 restarts after it."""
 from __future__ import annotations
 
+import io
 import time
 
 from tqdm.auto import tqdm
 
 from lora_dreambooth.training.lowmem import ExecutionPlan
 from lora_dreambooth.training.phases import PhaseClock, loop_phases, parse_summary
+from lora_dreambooth.training.progress import ProgressLog
 
 
 def test_summary_line_parses_back_and_phases_add_up():
@@ -24,7 +26,8 @@ def test_summary_line_parses_back_and_phases_add_up():
 def test_graph_warm_up_is_its_own_phase_and_the_bar_rate_restarts_after_it(capsys):
     clock = PhaseClock("cpu")
     plan = ExecutionPlan("fast", cuda_graph=True)
-    bar = tqdm(total=20, file=None, disable=False, mininterval=0)
+    screen = io.StringIO()
+    bar = tqdm(total=20, file=screen, disable=False, mininterval=0, ascii=True, unit="step")
     phases = loop_phases(clock, bar, plan, graph_warmup=3, accumulation=1, steps=(0, 20))
     assert "warm-up" in bar.desc
     for done in range(1, 21):
@@ -32,11 +35,33 @@ def test_graph_warm_up_is_its_own_phase_and_the_bar_rate_restarts_after_it(capsy
         before = bar._time()
         phases.step_done(done)
         assert bar.n == done
+        shown = screen.getvalue().split("\r")[-1]
+        if done < 4:  # no rate or ETA from the warm-up steps (they would say minutes per step)
+            assert f"{done}/20" in shown and "rate and ETA after the warm-up" in shown
+            assert "s/step" not in shown and "step/s" not in shown and "<" not in shown
         if done == 4:  # the rate and ETA now count from here: the steady steps only
             assert bar.desc.startswith("train") and "warm-up" not in bar.desc
             assert bar.initial == 4 and bar.start_t >= before
+        if done == 20:
+            assert "20/20" in shown and "step/s" in shown and "warm-up" not in shown
     phases.finish()
     bar.close()
     assert clock.seconds["graph warm-up + capture"] >= 1.2 and "loop" in clock.seconds
     assert loop_phases(PhaseClock("cpu"), bar, ExecutionPlan("plain"), graph_warmup=3, accumulation=1,
                        steps=(0, 5)).warm_until is None
+
+
+def test_the_app_eta_counts_from_the_steady_steps_too(tmp_path):
+    """The progress file the app reads: after the warm-up its ETA uses the steady steps' rate, not the mean since
+    the start (which counts the slow warm-up and capture steps, e.g. a compile, against every remaining step)."""
+    progress = ProgressLog(tmp_path / "progress.jsonl", total_steps=104)
+    bar = tqdm(total=104, disable=True)
+    phases = loop_phases(PhaseClock("cpu"), bar, ExecutionPlan("fast", cuda_graph=True), graph_warmup=3,
+                         accumulation=1, steps=(0, 104), on_steady=progress.restart_rate)
+    started = time.perf_counter()
+    for done in range(1, 9):
+        time.sleep(0.5 if done <= 4 else 0.001)  # 2 s of warm-up, then fast steps
+        phases.step_done(done)
+    from_start = (time.perf_counter() - started) / 8 * 96  # what the mean since the start would say: >= 24 s
+    assert progress.rate_from[0] == 4
+    assert progress.eta(8) < from_start / 2

@@ -111,18 +111,23 @@ def restart_rate(bar) -> None:
     bar.refresh()
 
 
+# The bar during warm-up: progress and elapsed time, no rate or ETA (tqdm's default format without them).
+WARM_UP_BAR = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, rate and ETA after the warm-up{postfix}]"
+
+
 class LoopPhases:
     """The training loop's share of a :class:`PhaseClock`: the first `warm_steps` steps (CUDA-graph warm-up and
     capture, and compilation if any) as their own announced phase, then the loop; a paced, honest progress bar."""
 
     def __init__(self, clock: PhaseClock, device: torch.device, *, warm_steps: int, warm_name: str, bar,
-                 start_step: int):
-        self.clock, self.bar, self.warm_name = clock, bar, warm_name
+                 start_step: int, on_steady: Callable[[int], None] | None = None):
+        self.clock, self.bar, self.warm_name, self.on_steady = clock, bar, warm_name, on_steady
         self.pacer = StepPacer(device)
         self.warm_until = start_step + warm_steps if warm_steps else None
         self.start = time.perf_counter()
         if self.warm_until is not None:
             log.info("%s: the first %d step(s) run before the loop's speed is steady", warm_name, warm_steps)
+            bar.bar_format = WARM_UP_BAR  # a rate or ETA from these steps would be false (e.g. 30 min for 1 min)
             bar.set_description("train (" + warm_name + ")")
 
     def step_done(self, done: int) -> None:
@@ -136,22 +141,26 @@ class LoopPhases:
             self.clock.add(self.warm_name, now - self.start)
             log.debug("%s took %.1f s", self.warm_name, now - self.start)
             self.start = now
+            self.bar.bar_format = None  # tqdm's own: steps, elapsed, ETA and rate, counted from here
             self.bar.set_description("train")
             restart_rate(self.bar)
+            if self.on_steady is not None:
+                self.on_steady(done)
 
     def finish(self) -> None:
         self.clock._sync()
         self.clock.add("loop", time.perf_counter() - self.start)
 
 
-def loop_phases(clock: PhaseClock, bar, plan, *, graph_warmup: int, accumulation: int, steps: tuple[int, int]
-                ) -> LoopPhases:
+def loop_phases(clock: PhaseClock, bar, plan, *, graph_warmup: int, accumulation: int, steps: tuple[int, int],
+                on_steady: Callable[[int], None] | None = None) -> LoopPhases:
     """The loop's phases for a run of `plan` (an ExecutionPlan) over steps [start, total): a CUDA graph is steady
     after its warm-up calls and the capturing call (counted in micro-steps), a compiled eager step after two steps;
-    anything else from the first step on."""
+    anything else from the first step on. `on_steady(step)` is called when the warm-up is over (e.g. to restart
+    another ETA's rate)."""
     cuda_graph, compiled = plan.cuda_graph, plan.compile
     warm = -(-(graph_warmup + 1) // accumulation) if cuda_graph else (2 if compiled else 0)
     name = " + ".join(n for n, on in (("compile", compiled), ("graph warm-up + capture", cuda_graph)) if on)
     start, total = steps
     return LoopPhases(clock, clock.device or torch.device("cpu"), warm_steps=min(warm, total - start),
-                      warm_name=name or "warm-up", bar=bar, start_step=start)
+                      warm_name=name or "warm-up", bar=bar, start_step=start, on_steady=on_steady)

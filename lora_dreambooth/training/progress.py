@@ -20,16 +20,22 @@ class ProgressLog:
         self.total_steps = total_steps
         self.start_step = start_step
         self.started = time.perf_counter()
+        self.rate_from = (start_step, self.started)  # (step, time) the ETA's rate counts from
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.write(start_step, event="start")
 
     def eta(self, step: int) -> float | None:
-        """Seconds left at the mean rate since this run (or resume) started."""
-        done = step - self.start_step
+        """Seconds left at the mean rate since this run (or resume) started, or since `restart_rate`."""
+        first_step, since = self.rate_from
+        done = step - first_step
         if done <= 0:
             return None
-        return (time.perf_counter() - self.started) / done * (self.total_steps - step)
+        return (time.perf_counter() - since) / done * (self.total_steps - step)
+
+    def restart_rate(self, step: int) -> None:
+        """Count the ETA's rate from `step` on (after the CUDA-graph warm-up and capture, whose steps are slow)."""
+        self.rate_from = (step, time.perf_counter())
 
     def write(self, step: int, *, event: str = "step", loss: float | None = None, lr: float | None = None,
               **extra: Any) -> None:

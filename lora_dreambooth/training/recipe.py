@@ -217,13 +217,13 @@ class DreamBoothRecipe:
         """Run optimizer steps from `start_step` to `total_steps`, checkpointing and logging on the way."""
         cfg, acc = self.cfg, self.accelerator
         bar = progress_bar(self.total_steps, self.start_step, disabled=not acc.is_main_process)
-        loss_sum = torch.zeros((), device=self.device)
-        first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
+        loss_sum, first_bad = torch.zeros((), device=self.device), torch.full((), -1, device=self.device)  # int64
         last_loss, window_start = None, time.perf_counter()
         self.progress = ProgressLog(cfg.progress_file, self.total_steps, self.start_step, enabled=acc.is_main_process)
         signals = StopOnSignals(lambda: setattr(self, "stop_requested", True), lambda: self.stop_requested)
         phases = loop_phases(self.clock, bar, self.plan, graph_warmup=GRAPH_WARMUP_STEPS,
-                             accumulation=cfg.gradient_accumulation, steps=(self.start_step, self.total_steps))
+                             accumulation=cfg.gradient_accumulation, steps=(self.start_step, self.total_steps),
+                             on_steady=self.progress.restart_rate)  # the app's ETA skips the warm-up too
         with signals, bar:  # the bar closes (ends its line) before any error is printed
             for step in range(self.start_step, self.total_steps):
                 for micro in range(cfg.gradient_accumulation):
