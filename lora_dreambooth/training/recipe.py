@@ -157,7 +157,7 @@ class DreamBoothRecipe:
                                     use_prior=self.use_prior, model_prior=self.model_prior,
                                     num_train_timesteps=self.base.noise_scheduler.config.num_train_timesteps)
         self.batches.cache_latents(self.base.vae.to(torch.float32), self.base.unet, store=latent_store(self.cfg),
-                                   batch_size=latent_batch_size(self.cfg, self.plan, self.device))
+                                   batch_size=latent_batch_size(self.cfg, self.plan, self.device, self.base.vae))
         self.base.vae.to("cpu")
 
     def _inject_adapters(self) -> None:

@@ -51,20 +51,23 @@ def base_placement(plan: ExecutionPlan, device: torch.device, weight_dtype: torc
     return {"device": device, "dtype": weight_dtype}
 
 
-def latent_batch_size(cfg: TrainConfig, plan: ExecutionPlan, device: torch.device) -> int:
+def latent_batch_size(cfg: TrainConfig, plan: ExecutionPlan, device: torch.device,
+                      vae: torch.nn.Module | None = None) -> int:
     """Images per VAE-encoding batch: as many as fit the memory the run may use.
 
     Half the free memory, unless the user bounded the run's memory (the low-memory profile, or --max-vram): then
-    caching stays under the plan's predicted loop peak (usually 1 image at a time, as VAE slicing did). On a CPU:
-    8, the old default.
+    caching stays under the plan's predicted loop peak (usually 1 image at a time, as VAE slicing did). A `vae` not
+    on the device yet (it moves there only to encode) is counted as if it were, in fp32. On a CPU: 8, the old
+    default.
     """
     if device.type != "cuda":
         return 8
     per_image = ENCODE_BYTES_PER_IMAGE * (cfg.resolution / 512) ** 2
+    arriving = 0 if vae is None else sum(p.numel() * 4 for p in vae.parameters() if p.device.type != device.type)
     free, _ = torch.cuda.mem_get_info(device)
-    budget = 0.5 * free
+    budget = 0.5 * (free - arriving)
     if (plan.quantize or cfg.max_vram) and plan.predicted_bytes:
-        budget = min(budget, plan.predicted_bytes - torch.cuda.memory_allocated(device))
+        budget = min(budget, plan.predicted_bytes - torch.cuda.memory_allocated(device) - arriving)
     return max(1, min(MAX_ENCODE_BATCH, int(budget // per_image)))
 
 
