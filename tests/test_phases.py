@@ -41,6 +41,9 @@ def test_graph_warm_up_is_its_own_phase_and_the_bar_rate_restarts_after_it(capsy
             assert "s/step" not in shown and "step/s" not in shown and "<" not in shown
         if done == 4:  # the rate and ETA now count from here: the steady steps only
             assert bar.desc.startswith("train") and "warm-up" not in bar.desc
+            last_draws = [line for line in screen.getvalue().split("\r") if line.strip()][-2:]
+            assert "rate and ETA after the warm-up" in last_draws[0]  # straight from the warm-up bar ...
+            assert "<?" in last_draws[1]  # ... to a fresh rate, never one from the warm-up steps
             assert bar.initial == 4 and bar.start_t >= before
         if done == 20:
             assert "20/20" in shown and "step/s" in shown and "warm-up" not in shown

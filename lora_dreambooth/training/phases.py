@@ -142,7 +142,7 @@ class LoopPhases:
             log.debug("%s took %.1f s", self.warm_name, now - self.start)
             self.start = now
             self.bar.bar_format = None  # tqdm's own: steps, elapsed, ETA and rate, counted from here
-            self.bar.set_description("train")
+            self.bar.set_description("train", refresh=False)  # drawn by restart_rate, never with the warm-up's rate
             restart_rate(self.bar)
             if self.on_steady is not None:
                 self.on_steady(done)
