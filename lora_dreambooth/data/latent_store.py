@@ -109,10 +109,10 @@ class LatentStore:
             log.warning("latent cache: could not write %s (%s); the run goes on without it", self.path(key), exc)
 
     def _prune(self) -> None:
-        files = sorted(((p.stat().st_mtime, p.stat().st_size, p) for p in self.folder.glob("*.safetensors")),
-                       key=lambda entry: entry[0], reverse=True)
+        files = sorted(((path.stat(), path) for path in self.folder.glob("*.safetensors")),
+                       key=lambda entry: entry[0].st_mtime, reverse=True)
         kept_bytes = 0
-        for index, (_, size, path) in enumerate(files):
-            kept_bytes += size
+        for index, (stat, path) in enumerate(files):
+            kept_bytes += stat.st_size
             if index > 0 and (index >= self.max_files or kept_bytes > self.max_bytes):
                 path.unlink(missing_ok=True)

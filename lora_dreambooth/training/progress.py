@@ -18,7 +18,6 @@ class ProgressLog:
     def __init__(self, path: str | Path | None, total_steps: int, start_step: int = 0, *, enabled: bool = True):
         self.path = Path(path) if path and enabled else None
         self.total_steps = total_steps
-        self.start_step = start_step
         self.started = time.perf_counter()
         self.rate_from = (start_step, self.started)  # (step, time) the ETA's rate counts from
         if self.path is not None:

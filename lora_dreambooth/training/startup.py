@@ -57,13 +57,13 @@ def latent_batch_size(cfg: TrainConfig, plan: ExecutionPlan, device: torch.devic
 
     Half the free memory, unless the user bounded the run's memory (the low-memory profile, or --max-vram): then
     caching stays under the plan's predicted loop peak (usually 1 image at a time, as VAE slicing did). A `vae` not
-    on the device yet (it moves there only to encode) is counted as if it were, in fp32. On a CPU: 8, the old
-    default.
+    on the device yet (it moves there only to encode) is counted as if it were. On a CPU: 8, the old default.
     """
     if device.type != "cuda":
         return 8
     per_image = ENCODE_BYTES_PER_IMAGE * (cfg.resolution / 512) ** 2
-    arriving = 0 if vae is None else sum(p.numel() * 4 for p in vae.parameters() if p.device.type != device.type)
+    arriving = 0 if vae is None else sum(p.numel() * p.element_size() for p in vae.parameters()
+                                     if p.device.type != device.type)
     free, _ = torch.cuda.mem_get_info(device)
     budget = 0.5 * (free - arriving)
     if (plan.quantize or cfg.max_vram) and plan.predicted_bytes:
