@@ -263,3 +263,26 @@ def _train_and_save(cfg: TrainConfig) -> Path:
     recipe = DreamBoothRecipe(cfg)
     recipe.setup()
     return recipe.save(recipe.train()).adapter_path
+
+
+def test_cpu_adamw_is_fused_and_steps_like_the_per_tensor_loop():
+    """On a CPU the optimizer is torch's fused AdamW (one kernel for every adapter tensor): the same update as the
+    per-tensor Python loop, within float rounding."""
+    from lora_dreambooth.training.optim import build_optimizer
+
+    torch.manual_seed(0)
+    start = [torch.randn(shape) for shape in ((4, 32), (32, 4), (7,))]
+    fused_params = [torch.nn.Parameter(t.clone()) for t in start]
+    loop_params = [torch.nn.Parameter(t.clone()) for t in start]
+    fused = build_optimizer("adamw", [{"params": fused_params, "lr": 1e-2}], weight_decay=0.01,
+                            device=torch.device("cpu"))
+    loop = torch.optim.AdamW([{"params": loop_params, "lr": 1e-2}], weight_decay=0.01, foreach=False)
+    assert fused.param_groups[0]["fused"]
+    for step in range(5):
+        for a, b in zip(fused_params, loop_params):
+            a.grad = torch.full_like(a, 0.1 * (step + 1)) + a.detach()
+            b.grad = torch.full_like(b, 0.1 * (step + 1)) + b.detach()
+        fused.step()
+        loop.step()
+    for a, b in zip(fused_params, loop_params):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
