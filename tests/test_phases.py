@@ -68,3 +68,18 @@ def test_the_app_eta_counts_from_the_steady_steps_too(tmp_path):
     from_start = (time.perf_counter() - started) / 8 * 96  # what the mean since the start would say: >= 24 s
     assert progress.rate_from[0] == 4
     assert progress.eta(8) < from_start / 2
+
+
+def test_the_logged_rate_of_the_first_window_skips_the_warm_up():
+    """The bar's `its=` (steps per second over a logging window): a window that began before the warm-up ended
+    counts only the steps after it, so the first value is the steady rate, not one dragged down by the capture."""
+    progress = ProgressLog(None, total_steps=100)
+    window_start = time.perf_counter()
+    time.sleep(1.0)  # 4 slow warm-up steps
+    progress.restart_rate(4)
+    time.sleep(0.06)  # 6 fast steps
+    rate = progress.window_rate(0, window_start, 10)
+    assert rate > 6 / 0.5  # the 6 steady steps in about 0.06 s; counting the warm-up would give below 10/1.06
+    later = time.perf_counter()
+    time.sleep(0.05)
+    assert progress.window_rate(10, later, 20) > 10 / 0.5  # a window after the warm-up: all its steps count

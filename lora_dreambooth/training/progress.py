@@ -36,6 +36,12 @@ class ProgressLog:
         """Count the ETA's rate from `step` on (after the CUDA-graph warm-up and capture, whose steps are slow)."""
         self.rate_from = (step, time.perf_counter())
 
+    def window_rate(self, first_step: int, since: float, step: int) -> float:
+        """Steps per second of a logging window that began after step `first_step` at time `since` and ends now at
+        `step`, counting only the steps after the warm-up (`restart_rate`) when the window began before it ends."""
+        first_step, since = max((first_step, since), self.rate_from)
+        return (step - first_step) / max(time.perf_counter() - since, 1e-9)
+
     def write(self, step: int, *, event: str = "step", loss: float | None = None, lr: float | None = None,
               **extra: Any) -> None:
         """Append one record (``event``: start, step, validation, interrupted, done)."""

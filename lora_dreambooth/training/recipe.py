@@ -305,7 +305,7 @@ class DreamBoothRecipe:
         self._raise_if_diverged(first_bad)
         lr = float(self.lr_scheduler.get_last_lr()[0])  # a device tensor when the optimizer is captured
         self.accelerator.log({"loss": loss, "lr": lr}, step=done)
-        rate = steps / max(time.perf_counter() - since, 1e-9)
+        rate = self.progress.window_rate(done - steps, since, done)  # the warm-up's slow steps do not count
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", its=f"{rate:.2f}")
         self.progress.write(done, loss=loss, lr=lr)
         return loss
