@@ -127,6 +127,16 @@ def deterministic_gpu_kernels():
         yield
 
 
+@pytest.fixture(scope="module")
+def cpu_training():
+    """Train on the CPU even where a GPU is visible (accelerate's ACCELERATE_USE_CPU, which the recipe honours),
+    for a module whose exact comparisons are CPU semantics: an in-memory model against files reloaded on the CPU,
+    CPU ranks against one process. On a GPU the recipe would leave the VAE on the CPU and train in bf16."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ACCELERATE_USE_CPU", "1")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Class-image caches go to the test's tmp dir, never to ~/.cache."""

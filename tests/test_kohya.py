@@ -22,6 +22,11 @@ from .test_variants import EXACT, fresh_pipeline, generate, max_diff, trained_ad
 VARIANTS = ("lora", "dora", "rslora", "loha", "lokr")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _on_cpu(cpu_training):
+    """These comparisons are CPU semantics (see conftest.cpu_training), also on a GPU machine."""
+
+
 @pytest.fixture
 def train(tmp_path_factory, tiny_base, dog_dir):
     return lambda variant, te=True, init="gaussian", export=(): trained_adapter(tmp_path_factory, tiny_base, dog_dir,

@@ -16,6 +16,11 @@ from lora_dreambooth.files.metadata import ADAPTER_FILENAME
 from .conftest import cli_in_process, small_train_args
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _on_cpu(cpu_training):
+    """These comparisons are CPU semantics (see conftest.cpu_training), also on a GPU machine."""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,8 +71,6 @@ def test_two_ranks_train_one_adapter(two_rank_run):
     assert len(re.findall(r"generating 2 on this process", log)) == 2
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="compares CPU ranks with a CPU run, and this process would "
-                    "train on the GPU (test_graph_paths compares processes on a GPU)")
 def test_two_ranks_match_one_process_with_same_effective_batch(two_rank_run, tiny_base, dog_dir, capsys):
     root, _ = two_rank_run
     args = small_train_args(dog_dir, tiny_base, root / "single", "--steps", "4", "--num-class-images", "4",

@@ -41,6 +41,11 @@ class Trained:
 _RUNS: dict[tuple, Trained] = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _on_cpu(cpu_training):
+    """These comparisons are CPU semantics (see conftest.cpu_training), also on a GPU machine."""
+
+
 def trained_adapter(tmp_path_factory, base: Path, photos: Path, variant: str, text_encoder: bool,
                     init: str = "gaussian", export: tuple[str, ...] = ()) -> Trained:
     """Train (once per process) a tiny adapter and remember it; test_kohya.py shares these runs."""
