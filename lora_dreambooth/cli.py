@@ -62,7 +62,7 @@ TRAIN_HELP: dict[str, str] = {
     "profile": "Speed/memory profile.",
     "compile": "torch.compile the UNet (GPU).",
     "resolution": "Training resolution (multiple of 8).",
-    "crop": "Crop to a square at the centre or at random.",
+    "crop": "Train on a square at the centre of each photo, or (random) at a place drawn anew every epoch.",
     "flip": "Random horizontal flips.",
     "latent_cache": "Keep the encoded latents in the cache folder: a rerun on the same photos, class images, "
                     "resolution, seed and VAE loads them instead of encoding again.",

@@ -229,6 +229,10 @@ class TrainConfig:
         _require(self.noise_offset >= 0, f"--noise-offset must be >= 0, got {self.noise_offset}")
         _require(self.prediction_type is None or self.prediction_type in PREDICTION_TYPES,
                  f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}; got '{self.prediction_type}'")
+        _require(self.crop == "center" or not self.buckets,
+                 "--crop random cuts square windows; --buckets keeps each photo's aspect ratio instead: use one")
+        _require(self.crop == "center" or not self.masked_loss,
+                 "--crop random does not move --masked-loss's masks with its windows; use --crop center with masks")
         _require(self.validation_every >= 0, f"--validation-every must be >= 0, got {self.validation_every}")
         _require(self.validation_inference_steps > 0,
                  f"--validation-inference-steps must be positive, got {self.validation_inference_steps}")

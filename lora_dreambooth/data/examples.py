@@ -253,17 +253,28 @@ class EpochSampler:
 
     def indices(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices, flip flags) of this rank's share of global batch number `step`."""
-        global_batch = self.batch_size * self.world_size
-        start = step * global_batch + self.rank * self.batch_size
-        positions = range(start, start + self.batch_size)
         idx, flips = [], []
-        cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for pos in positions:
-            epoch, offset = divmod(pos, self.num_items)
-            if epoch not in cache:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                cache[epoch] = (torch.randperm(self.num_items, generator=g), torch.rand(self.num_items, generator=g))
-            perm, coins = cache[epoch]
+        for perm, coins, _, offset in self._draws(step):
             idx.append(int(perm[offset]))
             flips.append(bool(coins[offset] < 0.5) and self.flip)
         return torch.tensor(idx, dtype=torch.long), torch.tensor(flips, dtype=torch.bool)
+
+    def positions(self, step: int) -> torch.Tensor:
+        """Where --crop random places each window of `indices(step)`: (n, 2) fractions of the room along the width
+        and the height, one pair per image and epoch."""
+        return torch.stack([places[offset] for _, _, places, offset in self._draws(step)])
+
+    def _draws(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+        """(permutation, flip coins, crop positions, offset in the epoch) of each item of this rank's share."""
+        global_batch = self.batch_size * self.world_size
+        start = step * global_batch + self.rank * self.batch_size
+        cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        draws = []
+        for pos in range(start, start + self.batch_size):
+            epoch, offset = divmod(pos, self.num_items)
+            if epoch not in cache:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                perm, coins = torch.randperm(self.num_items, generator=g), torch.rand(self.num_items, generator=g)
+                cache[epoch] = (perm, coins, torch.rand(self.num_items, 2, generator=g))  # drawn last: same order
+            draws.append((*cache[epoch], offset))
+        return draws

@@ -18,6 +18,7 @@ from lora_dreambooth.data.buckets import (BucketLatentCache, BucketSampler, Mask
 from lora_dreambooth.data.captions import dropout_mask
 from lora_dreambooth.data.examples import EpochSampler, Example, LatentCache, Shard, to_device
 from lora_dreambooth.data.latent_store import LatentStore
+from lora_dreambooth.data.random_crop import RandomCropLatents
 from lora_dreambooth.data.subjects import Subject
 from lora_dreambooth.training.losses import add_noise_offset
 from lora_dreambooth.training.prompts import PromptTable
@@ -60,6 +61,8 @@ class MicroBatches:
         cfg, place = self.cfg, self.place
         if cfg.buckets:
             self._cache_bucket_latents(vae.to(place.device), unet)
+        elif cfg.crop == "random":
+            self._cache_whole_photos(vae, batch_size)
         else:
             shard = Shard(place.rank, place.world, place.gather) if place.world > 1 else None
             store = store if shard is None else None  # ranks would have to agree on every hit: each run encodes
@@ -77,6 +80,18 @@ class MicroBatches:
         if cfg.masked_loss:
             sizes = self.instance_buckets if cfg.buckets else [(cfg.resolution, cfg.resolution)] * len(self.instance)
             self.instance_masks = MaskCache(self.instance, sizes, vae_factor(vae), place.device)
+
+    def _cache_whole_photos(self, vae: torch.nn.Module, batch_size: int) -> None:
+        """--crop random: every photo encoded whole (on every process: the photos differ in size, so the encoding
+        is not split); batches cut their windows from it."""
+        cfg, place = self.cfg, self.place
+        self.instance_latents = RandomCropLatents(vae, self.instance, cfg.resolution, flip=cfg.flip, seed=cfg.seed,
+                                                  device=place.device, batch_size=batch_size)
+        if self.class_examples:
+            self.class_latents = RandomCropLatents(vae, self.class_examples, cfg.resolution, flip=cfg.flip,
+                                                   seed=cfg.seed + 1, device=place.device, batch_size=batch_size)
+        self.instance_sampler = EpochSampler(len(self.instance), cfg.batch_size, cfg.seed, cfg.flip, place.rank,
+                                             place.world)
 
     def _cache_bucket_latents(self, vae: torch.nn.Module, unet: torch.nn.Module) -> None:
         """--buckets: each photo at its aspect-ratio bucket, class images at every bucket in use; bucket batches."""
@@ -101,7 +116,7 @@ class MicroBatches:
         idx, flips = self.instance_sampler.indices(micro_index)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("rank %d micro-batch %d instance images %s", self.place.rank, micro_index, idx.tolist())
-        latents = self.instance_latents.batch(idx, flips)
+        latents = self._latents(self.instance_latents, self.instance_sampler, micro_index, idx, flips)
         idx_on_device = to_device(idx, device)
         rows = self.instance_rows[idx_on_device]
         if self.cfg.caption_dropout > 0:
@@ -123,8 +138,15 @@ class MicroBatches:
         if self.cfg.buckets:
             class_latents = self.class_latents.batch(cidx, cflips, self.instance_latents.size_of(int(idx[0])))
         else:
-            class_latents = self.class_latents.batch(cidx, cflips)
+            class_latents = self._latents(self.class_latents, self.class_sampler, micro_index, cidx, cflips)
         return class_latents, self.class_rows[to_device(cidx, self.place.device)]
+
+    @staticmethod
+    def _latents(cache, sampler: EpochSampler, micro_index: int, idx: torch.Tensor, flips: torch.Tensor
+                 ) -> torch.Tensor:
+        if isinstance(cache, RandomCropLatents):  # --crop random: the sampler also places each window
+            return cache.batch(idx, flips, sampler.positions(micro_index))
+        return cache.batch(idx, flips)
 
     def masks(self, micro_index: int) -> tuple[torch.Tensor, ...]:
         """(mask,) of the micro-batch with --masked-loss (prior rows count everywhere), else ()."""
