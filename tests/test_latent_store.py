@@ -81,6 +81,20 @@ def test_the_key_changes_with_every_input_the_latents_depend_on(tmp_path, vae):
     assert len(set(variants)) == len(variants) and key not in variants
 
 
+def test_vaes_made_and_freed_one_after_another_each_get_their_own_key(tmp_path, vae):
+    """The fingerprint is remembered per VAE object, not per id(): a freed VAE's id is reused by the next one
+    (this made the test above fail now and then, and gave 8 keys for 20 different VAEs)."""
+    store, pixels = LatentStore(tmp_path), _pixels()
+    keys = set()
+    for nudge in range(20):
+        other = copy.deepcopy(vae)
+        with torch.no_grad():
+            other.encoder.conv_in.weight[0, 0, 0, 0] += nudge
+        keys.add(store.key(other, pixels, seed=0, flip=False, device_type="cpu"))
+        del other
+    assert len(keys) == 20
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_the_weights_fingerprint_is_the_same_on_the_gpu(vae):
     assert weights_fingerprint(copy.deepcopy(vae).cuda()) == weights_fingerprint(vae)

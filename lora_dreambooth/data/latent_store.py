@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -56,16 +57,17 @@ class LatentStore:
     def __init__(self, folder: str | Path, *, max_files: int = MAX_FILES, max_bytes: int = MAX_BYTES):
         self.folder = Path(folder)
         self.max_files, self.max_bytes = max_files, max_bytes
-        self._fingerprints: dict[int, bytes] = {}
+        # By the VAE object itself, held weakly: an id() could be reused by another VAE once the first is freed.
+        self._fingerprints: weakref.WeakKeyDictionary[torch.nn.Module, bytes] = weakref.WeakKeyDictionary()
 
     def key(self, vae: torch.nn.Module, pixels: torch.Tensor, *, seed: int, flip: bool, device_type: str) -> str:
         """The key of `pixels` (uint8, n x 3 x H x W) encoded by `vae` with `seed` on a `device_type` device."""
-        if id(vae) not in self._fingerprints:  # one VAE per run: fingerprinted once
-            self._fingerprints[id(vae)] = weights_fingerprint(vae)
+        if vae not in self._fingerprints:  # one VAE per run: fingerprinted once
+            self._fingerprints[vae] = weights_fingerprint(vae)
         config = json.dumps(dict(getattr(vae, "config", {})), sort_keys=True, default=str)
         head = f"v{STORE_VERSION}\n{device_type}\n{seed}\n{flip}\n{tuple(pixels.shape)}\n{pixels.dtype}\n{config}\n"
         digest = hashlib.sha256(head.encode())
-        digest.update(self._fingerprints[id(vae)])
+        digest.update(self._fingerprints[vae])
         digest.update(pixels.contiguous().numpy())  # the buffer itself, no copy
         return digest.hexdigest()[:32]
 
