@@ -169,6 +169,12 @@ class Shard:
     gather: Callable[[torch.Tensor], torch.Tensor]
 
 
+def image_generators(seed: int, indices: Iterable[int], device: torch.device | str) -> list[torch.Generator]:
+    """One generator per image for its posterior sample, seeded by (seed, the image's index) alone: the latents do
+    not depend on which images are encoded together, or on which process."""
+    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + i) for i in indices]
+
+
 def _encode_sharded(vae: torch.nn.Module, pixels: torch.Tensor, seed: int, shard: Shard | None,
                     batch_size: int = 8) -> torch.Tensor:
     """Encode this rank's slice (all of it without a shard) with per-image generators, then gather."""
@@ -177,7 +183,7 @@ def _encode_sharded(vae: torch.nn.Module, pixels: torch.Tensor, seed: int, shard
     per_rank = -(-n // world)
     start, stop = min(rank * per_rank, n), min((rank + 1) * per_rank, n)
     device = next(vae.parameters()).device
-    generators = [torch.Generator(device=device).manual_seed(seed * 1_000_003 + i) for i in range(start, stop)]
+    generators = image_generators(seed, range(start, stop), device)
     log.debug("rank %d encodes latents of images %d-%d of %d", rank, start, stop, n)
     local = encode_latents(vae, pixels[start:stop], generator=generators, batch_size=batch_size) if stop > start else None
     if shard is None or world == 1:

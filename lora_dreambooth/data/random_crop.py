@@ -12,8 +12,8 @@ from collections import defaultdict
 
 import torch
 
-from lora_dreambooth.data.buckets import vae_factor
-from lora_dreambooth.data.examples import Example, encode_latents, stacked_pixel_bytes
+from lora_dreambooth.data.buckets import fit_to_bucket, vae_factor
+from lora_dreambooth.data.examples import Example, encode_latents, image_generators, stacked_pixel_bytes
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +44,15 @@ class RandomCropLatents:
         self.plain: list[torch.Tensor | None] = [None] * len(examples)
         self.flipped: list[torch.Tensor | None] | None = [None] * len(examples) if flip else None
         for (width, height), members in sorted(by_size.items()):
-            images = [examples[i].image for i in members]
-            pixels = stacked_pixel_bytes(image.crop(((image.width - width) // 2, (image.height - height) // 2,
-                                                     (image.width + width) // 2, (image.height + height) // 2))
-                                         for image in images)
+            # the encoded size is within the photo, one side equal: fit_to_bucket only cuts the long side's margins
+            pixels = stacked_pixel_bytes(fit_to_bucket(examples[i].image, (width, height)) for i in members)
             per_call = max(1, batch_size * resolution * resolution // (width * height))
             for orientation, store in ((0, self.plain), (1, self.flipped)):
                 if store is None:
                     continue
-                generators = [torch.Generator(device=device).manual_seed((seed * 2 + orientation) * 1_000_003 + i)
-                              for i in members]
                 source = pixels.flip(-1) if orientation else pixels
-                latents = encode_latents(vae, source, generator=generators, batch_size=per_call)
+                latents = encode_latents(vae, source, generator=image_generators(seed * 2 + orientation, members,
+                                                                                 device), batch_size=per_call)
                 for i, latent in zip(members, latents):
                     store[i] = latent
         log.debug("random crops: %d images encoded whole at %s", len(examples),

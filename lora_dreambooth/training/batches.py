@@ -56,7 +56,7 @@ class MicroBatches:
     def cache_latents(self, vae: torch.nn.Module, unet: torch.nn.Module, *, batch_size: int = 8,
                       store: LatentStore | None = None) -> None:
         """Encode every image once (per aspect-ratio bucket with --buckets), `batch_size` images per VAE call, and
-        set up the samplers and masks. The VAE moves to this rank's device when it encodes. With a `store` (square
+        set up the samplers and masks. The VAE moves to this rank's device when it encodes. With a `store` (centre
         crops, one process), latents an earlier run encoded from the same images are loaded instead."""
         cfg, place = self.cfg, self.place
         if cfg.buckets:
@@ -72,6 +72,7 @@ class MicroBatches:
                 self.class_latents = LatentCache(vae, self.class_examples, cfg.resolution, flip=cfg.flip,
                                                  seed=cfg.seed + 1, device=place.device, shard=shard,
                                                  batch_size=batch_size, store=store)
+        if not cfg.buckets:
             self.instance_sampler = EpochSampler(len(self.instance), cfg.batch_size, cfg.seed, cfg.flip,
                                                  place.rank, place.world)
         if self.class_examples:
@@ -90,8 +91,6 @@ class MicroBatches:
         if self.class_examples:
             self.class_latents = RandomCropLatents(vae, self.class_examples, cfg.resolution, flip=cfg.flip,
                                                    seed=cfg.seed + 1, device=place.device, batch_size=batch_size)
-        self.instance_sampler = EpochSampler(len(self.instance), cfg.batch_size, cfg.seed, cfg.flip, place.rank,
-                                             place.world)
 
     def _cache_bucket_latents(self, vae: torch.nn.Module, unet: torch.nn.Module) -> None:
         """--buckets: each photo at its aspect-ratio bucket, class images at every bucket in use; bucket batches."""
