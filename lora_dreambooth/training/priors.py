@@ -141,24 +141,30 @@ def generate_class_images(pipeline_factory: Callable[[], object], plan: ClassIma
                           progress: Callable[[int], None] | None = None, max_bytes: int | None = None) -> int:
     """Generate the images of `plan.missing_indices` (index i starts from the noise of seed + i), each written
     atomically. Batches as large as memory (and `max_bytes` in all) allows, `batch_size` forces one; a batch that
-    runs out of memory is split in two and retried, which changes no picture."""
+    runs out of memory is split in two and retried, which changes no picture.
+
+    On a CPU every picture is made on its own, whatever `batch_size` says: CPU BLAS and oneDNN choose their
+    algorithm by row count and batch size, so rows of a batch come out a rounding apart from the same rows alone
+    (seen on an AMD EPYC host in the time embedding's first Linear: 1.8e-7, then one pixel level), and a CPU gains
+    little from batching (16 tiny class images, 2 cores: 4.5 s one by one, as long as in batches with oneDNN
+    switched off, which batch-invariant convolutions needed before). On a GPU, cuBLAS and cuDNN also
+    choose kernels by shape: pictures agree across batch sizes up to float rounding."""
     if not plan.missing_indices:
         return 0
     pipe = pipeline_factory()
     device = pipe.unet.device
     factor = pipe.vae_scale_factor
     shape = (pipe.unet.config.in_channels, resolution // factor, resolution // factor)
-    size = batch_size or fitted_batch_size(len(plan.missing_indices), DENOISE_BYTES_PER_IMAGE, device, resolution,
-                                           max_bytes=max_bytes)
+    size = 1 if device.type == "cpu" else batch_size or fitted_batch_size(
+        len(plan.missing_indices), DENOISE_BYTES_PER_IMAGE, device, resolution, max_bytes=max_bytes)
     pending, done, writes, spent = list(plan.missing_indices), 0, [], {"denoising": 0.0, "decoding": 0.0}
     started = time.perf_counter()
     writer = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))  # PNG encoding overlaps the denoising
     decoder = decoding_vae(pipe, max_bytes)
     try:
-        with batch_invariant_kernels(device):
-            done = _generate_batches(pipe, plan, pending, size, writer, writes, prompt=prompt,
-                                     resolution=resolution, steps=steps, seed=seed, shape=shape, progress=progress,
-                                     spent=spent, max_bytes=max_bytes, decoder=decoder)
+        done = _generate_batches(pipe, plan, pending, size, writer, writes, prompt=prompt, resolution=resolution,
+                                 steps=steps, seed=seed, shape=shape, progress=progress, spent=spent,
+                                 max_bytes=max_bytes, decoder=decoder)
         waited = time.perf_counter()
     finally:
         writer.shutdown(wait=True)
@@ -168,19 +174,6 @@ def generate_class_images(pipeline_factory: Callable[[], object], plan: ClassIma
              "writing %.1f s after the last batch)", done, time.perf_counter() - started, size, steps,
              spent["denoising"], spent["decoding"], time.perf_counter() - waited)
     return done
-
-
-@contextmanager
-def batch_invariant_kernels(device: torch.device) -> Iterator[None]:
-    """On a CPU, convolutions whose results do not depend on the batch they run in: oneDNN chooses its algorithm by
-    batch size (measured on an AMD EPYC host: one pixel level apart between batches of 1 and 3), torch's own
-    kernels do not. It costs about 2x in CPU convolution time, which only tiny bases pay. On a GPU, cuDNN and
-    cuBLAS also choose kernels by shape: the pictures there agree across batch sizes up to float rounding."""
-    if device.type != "cpu":
-        yield
-        return
-    with torch.backends.mkldnn.flags(enabled=False):
-        yield
 
 
 def _generate_batches(pipe, plan: ClassImagePlan, pending: list[int], size: int, writer, writes: list, *,
