@@ -23,6 +23,7 @@ Writes bench_train.json and bench_train.md into --out-dir (and the R2 adapters, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -77,6 +78,16 @@ class ContiguousRecipe(TimedRecipe):
     def _inject_adapters(self) -> None:
         super()._inject_adapters()
         self.base.unet.to(memory_format=torch.contiguous_format)
+
+
+class PeftForwardRecipe(TimedRecipe):
+    """Probe: the adapters compute through peft's own forward instead of the fused LoRA update (fused_lora.py)."""
+
+    def _choose_plan(self):
+        return dataclasses.replace(super()._choose_plan(), fused_adapters=False)
+
+
+PROBES = {"nchw": ContiguousRecipe, "peft": PeftForwardRecipe}
 
 
 def make_photos(folder: Path, count: int, size: int, seed: int, prefix: str = "photo") -> Path:
@@ -139,7 +150,7 @@ def run_one(setting: str, profile: str, args: argparse.Namespace, data: dict[str
                       output_dir=str(work / label), class_dir=str(data["class"]), num_class_images=args.class_images,
                       resolution=args.resolution, steps=args.warmup + args.steps, rank=4, batch_size=1, lr=1e-4,
                       mixed_precision=args.mixed_precision, seed=0, compile=args.compile, overwrite=True, **options)
-    recipe_class = ContiguousRecipe if profile.endswith(":nchw") else TimedRecipe
+    recipe_class = PROBES.get(profile.partition(":")[2], TimedRecipe)
     baseline = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -222,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default="R1,R2,R3")
     parser.add_argument("--profiles", default="plain,fast,low-memory",
                         help="comma list of plain, fast, fast+ckpt, low-memory; "
-                             "'fast:nchw' probes fast without channels-last")
+                             "'fast:nchw' probes fast without channels-last, "
+                             "'fast:peft' fast with peft's own LoRA forward (not the fused update)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--resolution", type=int, default=512)

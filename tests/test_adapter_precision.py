@@ -4,6 +4,7 @@ import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
+from lora_dreambooth.adapters.fused_lora import fuse_lora_layers
 from lora_dreambooth.adapters.precision import adapters_compute_in_autocast, norms_compute_in_weight_dtype
 
 
@@ -104,3 +105,83 @@ def test_on_cuda_the_norms_skip_autocasts_fp32_and_the_output_stays_within_bf16_
     out_policy, dtypes_policy = _norm_output_dtypes(policy, x, "cuda")
     assert dtypes_plain == [torch.float32, torch.float32] and dtypes_policy == [torch.bfloat16, torch.bfloat16]
     assert torch.allclose(out_policy.float(), out_plain.float(), rtol=0.05, atol=0.05)
+
+
+# -- fused LoRA layers (adapters/fused_lora.py) ---------------------------------------------------------------------
+def _fused_model(alpha: float = 4, **options) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    config = LoraConfig(r=4, lora_alpha=alpha, target_modules=["0", "2"], init_lora_weights=False, **options)
+    model = inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.data = p.data.float() if "lora_" in name else p.data.to(torch.bfloat16)
+        p.requires_grad_("lora_" in name)
+    return model
+
+
+def _step(model, x, fuse: bool, device_type: str = "cpu"):
+    for p in model.parameters():
+        p.grad = None
+    restore = fuse_lora_layers([model]) if fuse else (lambda: None)
+    with torch.autocast(device_type, dtype=torch.bfloat16), adapters_compute_in_autocast([model]):
+        out = model(x)
+    out.float().square().sum().backward()
+    restore()
+    return out.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad], x.grad
+
+
+@pytest.mark.parametrize("alpha", [4, 8])  # scale 1 (the default alpha = rank) and 2
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_fused_lora_layers_compute_peft_s_output_and_gradients(alpha, x_dtype):
+    model = _fused_model(alpha)
+    x = torch.randn(3, 5, 16, dtype=x_dtype, requires_grad=True)  # (batch, tokens, features) as in attention
+    out_peft, grads_peft, x_grad_peft = _step(model, x, fuse=False)
+    x.grad = None
+    out_fused, grads_fused, x_grad_fused = _step(model, x, fuse=True)
+    assert out_fused.dtype == out_peft.dtype == torch.bfloat16 and x_grad_fused.dtype == x_dtype
+    assert [g.dtype for g in grads_fused] == [torch.float32] * 4
+    # the same maths rounded in fewer places: within bf16 rounding of peft's numbers, and not identical
+    torch.testing.assert_close(out_fused.float(), out_peft.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(x_grad_fused.float(), x_grad_peft.float(), rtol=3e-2, atol=3e-2)
+    for fused, peft in zip(grads_fused, grads_peft):
+        assert (fused - peft).norm() <= 2e-2 * peft.norm()
+    assert not torch.equal(out_fused, out_peft)
+
+
+def test_fused_lora_layers_are_restored_and_leave_what_they_cannot_fuse_to_peft():
+    plain, dora, dropout = _fused_model(), _fused_model(use_dora=True), _fused_model(lora_dropout=0.1)
+    restore = fuse_lora_layers([plain, dora, dropout, None])
+    assert all("forward" in vars(m) for m in (plain[0], plain[2]))
+    assert not any("forward" in vars(m) for m in dora.modules()) and "forward" not in vars(dropout[0])
+    x = torch.randn(4, 16).to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for layer in (plain[0], plain[2]):
+            layer.enable_adapters(False)
+        off = plain(x)  # adapters switched off (as --prior-mode model does): the base layers alone
+        base = torch.nn.Sequential(plain[0].base_layer, plain[1], plain[2].base_layer)
+        assert torch.equal(off, base(x))
+    restore()
+    assert not any("forward" in vars(m) for m in plain.modules())
+
+
+def test_a_checkpointed_block_recomputes_through_the_fused_layers():
+    model = _fused_model()
+    fuse_lora_layers([model])
+    x = torch.randn(2, 5, 16).to(torch.bfloat16).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
+    out.float().square().sum().backward()  # the recomputation must save what the forward saved
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x)
+    assert torch.equal(out, expected) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp32 weight gradients straight from a bf16 matmul: CUDA")
+def test_fused_lora_layers_on_cuda_match_peft_within_bf16_rounding():
+    model = _fused_model(8).cuda()
+    x = torch.randn(2, 64, 16, device="cuda").to(torch.bfloat16).requires_grad_(True)
+    out_peft, grads_peft, _ = _step(model, x, fuse=False, device_type="cuda")
+    out_fused, grads_fused, _ = _step(model, x, fuse=True, device_type="cuda")
+    torch.testing.assert_close(out_fused.float(), out_peft.float(), rtol=2e-2, atol=2e-2)
+    for fused, peft in zip(grads_fused, grads_peft):
+        assert fused.dtype == torch.float32 and (fused - peft).norm() <= 2e-2 * peft.norm()

@@ -310,6 +310,7 @@ class ExecutionPlan:
     gradient_checkpointing: bool = False
     compile: bool = False
     channels_last: bool = False  # the frozen bf16 UNet's convolutions in NHWC (fast profile on CUDA)
+    fused_adapters: bool = True  # plain LoRA layers: one autograd node each under autocast (adapters/fused_lora.py)
     predicted_bytes: float | None = None
     reasons: tuple[str, ...] = field(default=(), compare=False)
 

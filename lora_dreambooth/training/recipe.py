@@ -74,9 +74,7 @@ class DreamBoothRecipe:
         self.cfg = config
         self.trains_text = config.train_text_encoder or config.pivotal  # the text encoder runs in every step
         self.identifier = self.trained_row = None  # --pivotal: the identifier's token and its trained row
-        self.out = Path(config.output_dir)
-        self.start_step = 0
-        self.stop_requested = False
+        self.out, self.start_step, self.stop_requested = Path(config.output_dir), 0, False
 
     # -- setup ------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -168,7 +166,8 @@ class DreamBoothRecipe:
         self.variant = get_variant(cfg.variant)
         self.adapters = inject_adapters(unet, text_encoder if cfg.train_text_encoder else None, self.variant,
                                         rank=cfg.rank, alpha=cfg.alpha, unet_targets=cfg.unet_target_modules,
-                                        text_encoder_targets=cfg.text_encoder_target_modules, init=cfg.init)
+                                        text_encoder_targets=cfg.text_encoder_target_modules, init=cfg.init,
+                                        fused=plan.fused_adapters)
         if self.identifier is not None:  # after injection: peft freezes every parameter it did not add
             self.trained_row = attach_trained_row(self.base.tokenizer, text_encoder, self.identifier,
                                                   cfg.effective_init_token)
