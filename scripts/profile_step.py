@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Where one training step's GPU time goes: kernels by kind for the R2 fast step, fused LoRA update and peft's forward.
+
+    python scripts/make_random_sd.py /tmp/sd14 --vocab bpe_simple_vocab_16e6.txt.gz --device cuda
+    python scripts/profile_step.py --base /tmp/sd14 [--top 14]
+
+Builds our recipe on the R2 setting (512 px, rank 4, text encoder trained, 1 instance + 1 class image a step, fast
+profile, bf16), runs 3 eager steps, then profiles one more eager step (the work a CUDA graph replays) with
+torch.profiler, once with the fused LoRA update (`adapters/fused_lora.py`) and once with peft's own forward. Prints
+the kernel count and GPU milliseconds per kind, and with `--top` the most expensive copy and elementwise kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_train import make_photos  # noqa: E402
+from lora_dreambooth import TrainConfig  # noqa: E402
+from lora_dreambooth.training.recipe import DreamBoothRecipe  # noqa: E402
+
+# matched in order: Hopper's flash-attention and cuDNN kernel names also contain "cutlass"/"sm90"
+KINDS = [("attention", ("flash", "fmha", "attention")), ("norm", ("norm", "welford", "moments")),
+         ("matmul + conv", ("gemm", "cutlass", "sm90", "sm80", "xmma", "cublas", "splitk", "conv", "cudnn")),
+         ("adam", ("adam",)), ("copy/cast", ("copy", "cast", "convert", "memcpy"))]
+
+
+def kind_of(kernel: str) -> str:
+    name = kernel.lower()
+    return next((kind for kind, words in KINDS if any(w in name for w in words)), "elementwise/other")
+
+
+def profile_one_step(base: str, work: Path, fused: bool) -> list[tuple[str, float]]:
+    """(kernel name, GPU ms) of the 4th R2 fast step, with or without the fused LoRA update."""
+
+    class Recipe(DreamBoothRecipe):
+        def _choose_plan(self):
+            return dataclasses.replace(super()._choose_plan(), fused_adapters=fused)
+
+    instance, classes = make_photos(work / "instance", 4, 512, 1), make_photos(work / "class", 8, 512, 2, "class")
+    cfg = TrainConfig(instance_dir=str(instance), base=base, token="sks", class_noun="dog", class_dir=str(classes),
+                      output_dir=str(work / f"out-{fused}"), num_class_images=8, resolution=512, steps=20, rank=4,
+                      batch_size=1, lr=1e-4, mixed_precision="bf16", seed=0, overwrite=True, train_text_encoder=True,
+                      prior=True, profile="fast", optimizer="adamw", gradient_checkpointing=False)
+    recipe = Recipe(cfg)
+    recipe.setup()
+    step = recipe.graph.micro.step  # the whole step, uncaptured: forward, backward, clipping, AdamW
+
+    def inputs(index: int):
+        latents, rows = recipe.batches.batch(index)
+        noise, timesteps = recipe.batches.noise(latents, index)
+        return latents, noise, timesteps, rows
+
+    for index in range(3):
+        step(*inputs(index))
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step(*inputs(3))
+        torch.cuda.synchronize()
+    kernels = [(e.name, e.device_time_total / 1000) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    recipe.accelerator.end_training()
+    del recipe
+    torch.cuda.empty_cache()
+    return kernels
+
+
+def report(label: str, kernels: list[tuple[str, float]], top: int) -> None:
+    by_kind: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for name, ms in kernels:
+        for table, key in ((by_kind, kind_of(name)), (by_name, name[:110])):
+            table[key][0] += 1
+            table[key][1] += ms
+    print(f"{label}: {len(kernels)} kernels, {sum(ms for _, ms in kernels):.2f} ms of GPU time")
+    for kind, (count, ms) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {kind:20s} {count:5d} {ms:7.2f} ms")
+    copies = [(n, v) for n, v in by_name.items() if kind_of(n) in ("copy/cast", "elementwise/other")]
+    for name, (count, ms) in sorted(copies, key=lambda kv: -kv[1][1])[:top]:
+        print(f"    {count:5d} {ms:6.2f} ms  {name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="diffusers folder (scripts/make_random_sd.py writes one)")
+    parser.add_argument("--top", type=int, default=0, help="also list the N costliest copy/elementwise kernels")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    work = Path(tempfile.mkdtemp(prefix="profile-step-"))
+    for fused in (True, False):
+        report("fused LoRA update" if fused else "peft's forward", profile_one_step(args.base, work, fused), args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
