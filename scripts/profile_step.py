@@ -53,10 +53,11 @@ def profile_one_step(base: str, work: Path, fused: bool) -> list[tuple[str, floa
     recipe = Recipe(cfg)
     recipe.setup()
     step = recipe.graph.micro.step  # the whole step, uncaptured: forward, backward, clipping, AdamW
+    batches = recipe.batches
 
     def inputs(index: int):
-        latents, rows = recipe.batches.batch(index)
-        noise, timesteps = recipe.batches.noise(latents, index)
+        latents, rows = batches.batch(index)
+        noise, timesteps = batches.noise(latents, index)
         return latents, noise, timesteps, rows
 
     for index in range(3):

@@ -21,7 +21,8 @@ from typing import Callable, Iterable
 
 import torch
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
+from lora_dreambooth.adapters.precision import LOW_PRECISION
+
 _OUT_DTYPE_WORKS: dict[str, bool] = {}  # device type -> whether torch.mm(..., out_dtype=) runs there
 
 
