@@ -87,7 +87,15 @@ class PeftForwardRecipe(TimedRecipe):
         return dataclasses.replace(super()._choose_plan(), fused_adapters=False)
 
 
-PROBES = {"nchw": ContiguousRecipe, "peft": PeftForwardRecipe}
+class TorchGroupNormRecipe(TimedRecipe):
+    """Probe: the channels-last UNet's GroupNorms through torch's NCHW kernel (with its layout copies) instead of
+    the NHWC Triton kernel (kernels/group_norm.py)."""
+
+    def _choose_plan(self):
+        return dataclasses.replace(super()._choose_plan(), channels_last_norms=False)
+
+
+PROBES = {"nchw": ContiguousRecipe, "peft": PeftForwardRecipe, "torch-gn": TorchGroupNormRecipe}
 
 
 def make_photos(folder: Path, count: int, size: int, seed: int, prefix: str = "photo") -> Path:

@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Where one training step's GPU time goes: kernels by kind for the R2 fast step, fused LoRA update and peft's forward.
+"""Where one training step's GPU time goes: kernels by kind for the R2 fast step, as shipped and with one lever off.
 
     python scripts/make_random_sd.py /tmp/sd14 --vocab bpe_simple_vocab_16e6.txt.gz --device cuda
-    python scripts/profile_step.py --base /tmp/sd14 [--top 14]
+    python scripts/profile_step.py --base /tmp/sd14 [--variants shipped,peft,torch-gn] [--top 14]
 
 Builds our recipe on the R2 setting (512 px, rank 4, text encoder trained, 1 instance + 1 class image a step, fast
 profile, bf16), runs 3 eager steps, then profiles one more eager step (the work a CUDA graph replays) with
-torch.profiler, once with the fused LoRA update (`adapters/fused_lora.py`) and once with peft's own forward. Prints
-the kernel count and GPU milliseconds per kind, and with `--top` the most expensive copy and elementwise kernels.
+torch.profiler, once per variant: `shipped`, `peft` (peft's own forward instead of the fused LoRA update,
+`adapters/fused_lora.py`) and `torch-gn` (torch's NCHW GroupNorm instead of the NHWC kernel, `kernels/group_norm.py`).
+Prints the kernel count and GPU milliseconds per kind, and with `--top` the most expensive kernels overall and
+among copies and elementwise kernels.
 """
 from __future__ import annotations
 
@@ -38,16 +40,21 @@ def kind_of(kernel: str) -> str:
     return next((kind for kind, words in KINDS if any(w in name for w in words)), "elementwise/other")
 
 
-def profile_one_step(base: str, work: Path, fused: bool) -> list[tuple[str, float]]:
-    """(kernel name, GPU ms) of the 4th R2 fast step, with or without the fused LoRA update."""
+# variant -> (label, ExecutionPlan fields it changes)
+VARIANTS = {"shipped": ("as shipped", {}), "peft": ("peft's forward", {"fused_adapters": False}),
+            "torch-gn": ("torch's NCHW GroupNorm", {"channels_last_norms": False})}
+
+
+def profile_one_step(base: str, work: Path, variant: str) -> list[tuple[str, float]]:
+    """(kernel name, GPU ms) of the 4th R2 fast step of one variant."""
 
     class Recipe(DreamBoothRecipe):
         def _choose_plan(self):
-            return dataclasses.replace(super()._choose_plan(), fused_adapters=fused)
+            return dataclasses.replace(super()._choose_plan(), **VARIANTS[variant][1])
 
     instance, classes = make_photos(work / "instance", 4, 512, 1), make_photos(work / "class", 8, 512, 2, "class")
     cfg = TrainConfig(instance_dir=str(instance), base=base, token="sks", class_noun="dog", class_dir=str(classes),
-                      output_dir=str(work / f"out-{fused}"), num_class_images=8, resolution=512, steps=20, rank=4,
+                      output_dir=str(work / f"out-{variant}"), num_class_images=8, resolution=512, steps=20, rank=4,
                       batch_size=1, lr=1e-4, mixed_precision="bf16", seed=0, overwrite=True, train_text_encoder=True,
                       prior=True, profile="fast", optimizer="adamw", gradient_checkpointing=False)
     recipe = Recipe(cfg)
@@ -84,6 +91,11 @@ def report(label: str, kernels: list[tuple[str, float]], top: int) -> None:
     print(f"{label}: {len(kernels)} kernels, {sum(ms for _, ms in kernels):.2f} ms of GPU time")
     for kind, (count, ms) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
         print(f"  {kind:20s} {count:5d} {ms:7.2f} ms")
+    if top:
+        print("  costliest kernels of any kind:")
+        for name, (count, ms) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:
+            print(f"    {count:5d} {ms:6.2f} ms  {name}")
+        print("  costliest copy/elementwise kernels:")
     copies = [(n, v) for n, v in by_name.items() if kind_of(n) in ("copy/cast", "elementwise/other")]
     for name, (count, ms) in sorted(copies, key=lambda kv: -kv[1][1])[:top]:
         print(f"    {count:5d} {ms:6.2f} ms  {name}")
@@ -92,13 +104,19 @@ def report(label: str, kernels: list[tuple[str, float]], top: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="diffusers folder (scripts/make_random_sd.py writes one)")
-    parser.add_argument("--top", type=int, default=0, help="also list the N costliest copy/elementwise kernels")
+    parser.add_argument("--top", type=int, default=0,
+                        help="also list the N costliest kernels, and the N costliest copy/elementwise ones")
+    parser.add_argument("--variants", default="shipped,peft", help=f"comma-separated, of {', '.join(VARIANTS)}")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     work = Path(tempfile.mkdtemp(prefix="profile-step-"))
-    for fused in (True, False):
-        report("fused LoRA update" if fused else "peft's forward", profile_one_step(args.base, work, fused), args.top)
+    for variant in variants:
+        report(VARIANTS[variant][0], profile_one_step(args.base, work, variant), args.top)
     return 0
 
 

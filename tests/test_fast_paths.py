@@ -184,6 +184,7 @@ def _plan(cfg: TrainConfig, device: str = "cuda", processes: int = 1, free: int 
 def test_profiles_resolve_to_plans():
     assert _plan(_r2(profile="plain")).label == "plain (eager)"
     assert _plan(_r2(profile="fast")).label == "fast (cuda graph, channels-last)"
+    assert _plan(_r2(profile="fast")).channels_last_norms  # the NHWC GroupNorm kernel, launched from the graph
     assert _plan(_r2(profile="fast", gradient_checkpointing=True)).label == FAST_CKPT
     assert _plan(_r2(profile="low-memory")).label == "low-memory (nf4, checkpointing, cuda graph)"
     assert _plan(_r2(), device="cpu").label == "plain (eager)"
@@ -198,6 +199,7 @@ def test_profiles_resolve_to_plans():
 def test_what_a_cuda_graph_cannot_run_is_named(blocking, reason):
     plan = _plan(_r2(profile="fast", **blocking))
     assert not plan.cuda_graph and reason in plan.describe()
+    assert plan.channels_last and not plan.channels_last_norms  # eagerly, Triton's launches would cost host time
 
 
 def test_max_vram_picks_the_fastest_plan_predicted_to_fit():

@@ -21,6 +21,8 @@ FORBIDDEN = {
     "lora_dreambooth.evaluation": ("lora_dreambooth.training",),
     "lora_dreambooth.models": ("lora_dreambooth.training", "lora_dreambooth.serve", "lora_dreambooth.adapters"),
     "lora_dreambooth.config": ("lora_dreambooth.training", "lora_dreambooth.serve", "lora_dreambooth.files"),
+    "lora_dreambooth.kernels": ("lora_dreambooth.training", "lora_dreambooth.serve", "lora_dreambooth.files",
+                                "lora_dreambooth.adapters", "lora_dreambooth.models", "lora_dreambooth.data"),
 }
 
 

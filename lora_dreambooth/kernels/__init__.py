@@ -1,0 +1,1 @@
+"""Low-level compute kernels the models run through (no package imports: any stage may use them)."""
