@@ -1,12 +1,12 @@
-"""The NHWC GroupNorm kernel (kernels/group_norm.py): torch's GroupNorm maths without the layout copies, and the
-layer patch that uses it only where it can run."""
+"""The NHWC GroupNorm kernel (kernels/group_norm.py): torch's GroupNorm maths without the layout copies, the layer
+patch that uses it only where it can run, and the trial run that falls back to torch's kernel where it cannot."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_dreambooth.kernels.group_norm import group_norm_nhwc, supports, use_channels_last_group_norm
+from lora_dreambooth.kernels.group_norm import group_norm_nhwc, supports, trial_failure, use_channels_last_group_norm
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel is written in Triton for CUDA")
 
@@ -33,6 +33,15 @@ def test_on_a_cpu_the_patched_layers_compute_exactly_as_before():
     x = torch.randn(2, 4, 8, 8).to(torch.bfloat16).to(memory_format=torch.channels_last)
     assert not supports(x, None, None)
     assert torch.equal(plain(x), patched(x))
+
+
+def test_where_the_kernel_cannot_run_its_trial_says_why_instead_of_raising():
+    assert trial_failure(torch.device("cpu"), torch.bfloat16) in ("Triton is not importable", "unsupported input")
+
+
+@CUDA
+def test_on_a_gpu_the_kernel_passes_its_trial_run():
+    assert trial_failure(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16) is None
 
 
 def _reference(x: torch.Tensor, groups: int, weight, bias, eps: float, silu: bool, grad_y: torch.Tensor,

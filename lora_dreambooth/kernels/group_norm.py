@@ -17,10 +17,14 @@ this runs (:func:`supports` checks it).
 from __future__ import annotations
 
 import functools
+import logging
 import types
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 BLOCK = 2048  # elements of one group a program handles; a group of an SD UNet at 64x64 latents has 40,960
 
@@ -47,16 +51,38 @@ def group_norm_nhwc(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
 def use_channels_last_group_norm(model: torch.nn.Module) -> int:
     """Let the frozen 16-bit GroupNorm layers of `model` normalize channels-last CUDA inputs with the NHWC kernel
     (in their weight's dtype, as `adapters.precision.norms_compute_in_weight_dtype` has them compute); any other
-    input goes to the layer's previous forward. Returns how many layers changed."""
-    changed = 0
-    for module in model.modules():
-        if type(module) is not torch.nn.GroupNorm or module.weight is None:
-            continue
-        if module.weight.dtype not in (torch.float16, torch.bfloat16):
-            continue
+    input goes to the layer's previous forward. Returns how many layers changed: none when the kernel fails its
+    trial run on the layers' GPU (say, Triton finds no C compiler), which is logged once."""
+    norms = [m for m in model.modules() if type(m) is torch.nn.GroupNorm and m.weight is not None
+             and m.weight.dtype in (torch.float16, torch.bfloat16)]
+    failure = norms and norms[0].weight.is_cuda and trial_failure(norms[0].weight.device, norms[0].weight.dtype)
+    if failure:
+        log.warning("GroupNorm runs torch's NCHW kernel: the NHWC kernel failed its trial run (%s)", failure)
+        return 0
+    for module in norms:
         module.forward = types.MethodType(functools.partial(_channels_last_forward, previous=module.forward), module)
-        changed += 1
-    return changed
+    return len(norms)
+
+
+@functools.cache
+def trial_failure(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the kernel cannot run on `device` in `dtype` (None: it ran forward and backward and agreed with torch's
+    GroupNorm). Compiles its kernels on first use on a machine, as the first training step otherwise would."""
+    try:
+        generator = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(2, 64, 8, 8, device=device, generator=generator).to(dtype)
+        x = x.to(memory_format=torch.channels_last).requires_grad_(True)
+        weight = torch.ones(64, device=device, dtype=dtype)
+        if not supports(x, weight, weight):
+            return "Triton is not importable" if _kernels() is None else "unsupported input"
+        y = group_norm_nhwc(x, 32, weight, torch.zeros_like(weight), 1e-5)
+        y.float().square().sum().backward()
+        expected = F.group_norm(x.detach().float(), 32, eps=1e-5)
+        if not torch.allclose(y.float(), expected, atol=0.05, rtol=0.05) or not torch.isfinite(x.grad).all():
+            return "its output disagreed with torch's GroupNorm"
+    except Exception as error:  # noqa: BLE001 - any compiler or driver error means: use torch's kernel
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return None
 
 
 def _channels_last_forward(self: torch.nn.GroupNorm, x: torch.Tensor, *, previous) -> torch.Tensor:
