@@ -462,8 +462,9 @@ def place_frozen_models(unet: nn.Module, text_encoder: nn.Module | None, plan: E
     """Put the frozen base where the plan runs it: NF4-quantized layer by layer from the CPU copy (the
     full-precision model never lands on the device), or cast to the compute dtype; NHWC convolutions when planned
     (measured ~8% faster on an H100, BENCHMARKS.md), and under a graph their GroupNorms in NHWC as well
-    (`use_channels_last_group_norm`: no layout copies around each norm; +15% R2 it/s on an H200). In a 16-bit compute dtype the norm layers
-    compute in it under autocast too (`norms_compute_in_weight_dtype`: 11% faster R2 steps on an H200)."""
+    (`use_channels_last_group_norm`: no layout copies around each norm; +15% R2 it/s on an H200). In a 16-bit
+    compute dtype the norm layers compute in it under autocast too (`norms_compute_in_weight_dtype`: 11% faster R2
+    steps on an H200)."""
     for model in (unet, text_encoder):
         if model is not None and plan.quantize:
             quantize_frozen(model, compute_dtype=dtype, device=device)
