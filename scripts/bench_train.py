@@ -80,22 +80,23 @@ class ContiguousRecipe(TimedRecipe):
         self.base.unet.to(memory_format=torch.contiguous_format)
 
 
-class PeftForwardRecipe(TimedRecipe):
-    """Probe: the adapters compute through peft's own forward instead of the fused LoRA update (fused_lora.py)."""
-
-    def _choose_plan(self):
-        return dataclasses.replace(super()._choose_plan(), fused_adapters=False)
-
-
-class TorchGroupNormRecipe(TimedRecipe):
-    """Probe: the channels-last UNet's GroupNorms through torch's NCHW kernel (with its layout copies) instead of
-    the NHWC Triton kernel (kernels/group_norm.py)."""
-
-    def _choose_plan(self):
-        return dataclasses.replace(super()._choose_plan(), channels_last_norms=False)
+# probe -> the ExecutionPlan fields it turns off: one lever at a time against the shipped plan (profile_step.py
+# profiles the same probes)
+PLAN_PROBES = {"peft": {"fused_adapters": False},  # peft's own LoRA forward, not the fused update (fused_lora.py)
+               "torch-gn": {"channels_last_norms": False}}  # torch's NCHW GroupNorm, not the NHWC kernel
 
 
-PROBES = {"nchw": ContiguousRecipe, "peft": PeftForwardRecipe, "torch-gn": TorchGroupNormRecipe}
+def plan_probe(base: type, overrides: dict) -> type:
+    """`base` (a recipe class) with `overrides` applied to the plan it chooses."""
+
+    class PlanProbe(base):
+        def _choose_plan(self):
+            return dataclasses.replace(super()._choose_plan(), **overrides)
+
+    return PlanProbe
+
+
+PROBES = {"nchw": ContiguousRecipe, **{name: plan_probe(TimedRecipe, fields) for name, fields in PLAN_PROBES.items()}}
 
 
 def make_photos(folder: Path, count: int, size: int, seed: int, prefix: str = "photo") -> Path:
@@ -242,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profiles", default="plain,fast,low-memory",
                         help="comma list of plain, fast, fast+ckpt, low-memory; "
                              "'fast:nchw' probes fast without channels-last, "
-                             "'fast:peft' fast with peft's own LoRA forward (not the fused update)")
+                             "'fast:peft' fast with peft's own LoRA forward (not the fused update), "
+                             "'fast:torch-gn' fast with torch's NCHW GroupNorm (not the NHWC kernel)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--resolution", type=int, default=512)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import make_photos  # noqa: E402
+from bench_train import PLAN_PROBES, make_photos, plan_probe  # noqa: E402
 from lora_dreambooth import TrainConfig  # noqa: E402
 from lora_dreambooth.training.recipe import DreamBoothRecipe  # noqa: E402
 
@@ -40,24 +39,20 @@ def kind_of(kernel: str) -> str:
     return next((kind for kind, words in KINDS if any(w in name for w in words)), "elementwise/other")
 
 
-# variant -> (label, ExecutionPlan fields it changes)
-VARIANTS = {"shipped": ("as shipped", {}), "peft": ("peft's forward", {"fused_adapters": False}),
-            "torch-gn": ("torch's NCHW GroupNorm", {"channels_last_norms": False})}
+# variant -> (label, ExecutionPlan fields it changes): bench_train.py's plan probes
+LABELS = {"shipped": "as shipped", "peft": "peft's forward", "torch-gn": "torch's NCHW GroupNorm"}
+VARIANTS = {name: (LABELS.get(name, name), fields) for name, fields in {"shipped": {}, **PLAN_PROBES}.items()}
 
 
 def profile_one_step(base: str, work: Path, variant: str) -> list[tuple[str, float]]:
     """(kernel name, GPU ms) of the 4th R2 fast step of one variant."""
-
-    class Recipe(DreamBoothRecipe):
-        def _choose_plan(self):
-            return dataclasses.replace(super()._choose_plan(), **VARIANTS[variant][1])
-
+    recipe_class = plan_probe(DreamBoothRecipe, VARIANTS[variant][1])
     instance, classes = make_photos(work / "instance", 4, 512, 1), make_photos(work / "class", 8, 512, 2, "class")
     cfg = TrainConfig(instance_dir=str(instance), base=base, token="sks", class_noun="dog", class_dir=str(classes),
                       output_dir=str(work / f"out-{variant}"), num_class_images=8, resolution=512, steps=20, rank=4,
                       batch_size=1, lr=1e-4, mixed_precision="bf16", seed=0, overwrite=True, train_text_encoder=True,
                       prior=True, profile="fast", optimizer="adamw", gradient_checkpointing=False)
-    recipe = Recipe(cfg)
+    recipe = recipe_class(cfg)
     recipe.setup()
     step = recipe.graph.micro.step  # the whole step, uncaptured: forward, backward, clipping, AdamW
     batches = recipe.batches

@@ -111,14 +111,14 @@ class _GroupNormNHWC(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
-def _geometry(x: torch.Tensor, num_groups: int) -> tuple[int, int, int, int, int, int]:
+def _geometry(x: torch.Tensor, num_groups: int) -> tuple[int, int, int, int, int]:
     n, c, h, w = x.shape
     if c % num_groups:
         raise ValueError(f"GroupNorm: {c} channels do not split into {num_groups} groups")
     d = c // num_groups
     count = h * w * d
     splits = -(-count // BLOCK)
-    return n, c, h * w, d, count, splits
+    return n, c, d, count, splits
 
 
 def _affine(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None):
@@ -130,7 +130,7 @@ def _affine(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
 
 def _forward(x, weight, bias, num_groups, eps, silu):
     k = _kernels()
-    n, c, hw, d, count, splits = _geometry(x, num_groups)
+    n, c, d, count, splits = _geometry(x, num_groups)
     w, b = _affine(x, weight, bias)
     partial = torch.empty(n * num_groups, splits, 2, device=x.device, dtype=torch.float32)
     mean = torch.empty(n * num_groups, device=x.device, dtype=torch.float32)
@@ -145,7 +145,7 @@ def _forward(x, weight, bias, num_groups, eps, silu):
 
 def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, silu):
     k = _kernels()
-    n, c, hw, d, count, splits = _geometry(x, num_groups)
+    n, c, d, count, splits = _geometry(x, num_groups)
     w, b = _affine(x, weight, bias)
     partial = torch.empty(n * num_groups, splits, 2, device=x.device, dtype=torch.float32)
     grad_x = torch.empty_like(x)
