@@ -133,7 +133,8 @@ def prefer_flash_attention(device: torch.device | str) -> None:
     SD v1.4 at 512 px), the first training step took 9.9 s with it and 1.2 s without, the CUDA-graph capture 2.4 s
     and 0.3 s, and 100 class images 21.4 s and 19.6 s. Its kernels are faster once planned (a training step 40.0 vs
     42.8 ms), which pays back those ~10 s only after ~3,500 steps: longer than a DreamBooth run. Process-wide, as
-    torch's backend switches are; a no-op on a CPU.
+    torch's backend switches are; a no-op on a CPU. Training routes the one shape where cuDNN gains most, the
+    full-resolution self-attention, back to it (`kernels.attention.route_attention`).
     """
     if torch.device(device).type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)

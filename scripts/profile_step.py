@@ -2,14 +2,15 @@
 """Where one training step's GPU time goes: kernels by kind for the R2 fast step, as shipped and with one lever off.
 
     python scripts/make_random_sd.py /tmp/sd14 --vocab bpe_simple_vocab_16e6.txt.gz --device cuda
-    python scripts/profile_step.py --base /tmp/sd14 [--variants shipped,peft,torch-gn] [--top 14]
+    python scripts/profile_step.py --base /tmp/sd14 [--variants shipped,peft,torch-gn] [--top 14] [--ops 40]
 
 Builds our recipe on the R2 setting (512 px, rank 4, text encoder trained, 1 instance + 1 class image a step, fast
 profile, bf16), runs 3 eager steps, then profiles one more eager step (the work a CUDA graph replays) with
 torch.profiler, once per variant: `shipped`, `peft` (peft's own forward instead of the fused LoRA update,
-`adapters/fused_lora.py`) and `torch-gn` (torch's NCHW GroupNorm instead of the NHWC kernel, `kernels/group_norm.py`).
-Prints the kernel count and GPU milliseconds per kind, and with `--top` the most expensive kernels overall and
-among copies and elementwise kernels.
+`adapters/fused_lora.py`), `torch-gn` (torch's NCHW GroupNorm instead of the NHWC kernel, `kernels/group_norm.py`)
+and bench_train.py's other plan probes. Prints the kernel count and GPU milliseconds per kind, with `--top` the most
+expensive kernels overall and among copies and elementwise kernels, and with `--ops` the operators (by input shapes)
+with the most GPU time of their own.
 """
 from __future__ import annotations
 
@@ -40,12 +41,14 @@ def kind_of(kernel: str) -> str:
 
 
 # variant -> (label, ExecutionPlan fields it changes): bench_train.py's plan probes
-LABELS = {"shipped": "as shipped", "peft": "peft's forward", "torch-gn": "torch's NCHW GroupNorm"}
+LABELS = {"shipped": "as shipped", "peft": "peft's forward", "torch-gn": "torch's NCHW GroupNorm",
+          "flash-top": "flash attention at 64x64"}
 VARIANTS = {name: (LABELS.get(name, name), fields) for name, fields in {"shipped": {}, **PLAN_PROBES}.items()}
 
 
-def profile_one_step(base: str, work: Path, variant: str) -> list[tuple[str, float]]:
-    """(kernel name, GPU ms) of the 4th R2 fast step of one variant."""
+def profile_one_step(base: str, work: Path, variant: str, ops: int = 0) -> list[tuple[str, float]]:
+    """(kernel name, GPU ms) of the 4th R2 fast step of one variant; with `ops`, first prints that many aten
+    operators (grouped by input shapes) with the most GPU time of their own."""
     recipe_class = plan_probe(DreamBoothRecipe, VARIANTS[variant][1])
     instance, classes = make_photos(work / "instance", 4, 512, 1), make_photos(work / "class", 8, 512, 2, "class")
     cfg = TrainConfig(instance_dir=str(instance), base=base, token="sks", class_noun="dog", class_dir=str(classes),
@@ -65,11 +68,17 @@ def profile_one_step(base: str, work: Path, variant: str) -> list[tuple[str, flo
     for index in range(3):
         step(*inputs(index))
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CUDA] + [torch.profiler.ProfilerActivity.CPU] * bool(ops)
+    with torch.profiler.profile(activities=activities, record_shapes=bool(ops)) as prof:
         step(*inputs(3))
         torch.cuda.synchronize()
     kernels = [(e.name, e.device_time_total / 1000) for e in prof.events()
                if e.device_type == torch.autograd.DeviceType.CUDA]
+    if ops:
+        print(f"  {variant}: the {ops} operators (by input shapes) with the most GPU time of their own:")
+        rows = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0]
+        for e in sorted(rows, key=lambda e: -e.self_device_time_total)[:ops]:
+            print(f"    {e.count:5d} {e.self_device_time_total / 1000:6.2f} ms  {e.key} {str(e.input_shapes)[:150]}")
     recipe.accelerator.end_training()
     del recipe
     torch.cuda.empty_cache()
@@ -101,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", required=True, help="diffusers folder (scripts/make_random_sd.py writes one)")
     parser.add_argument("--top", type=int, default=0,
                         help="also list the N costliest kernels, and the N costliest copy/elementwise ones")
+    parser.add_argument("--ops", type=int, default=0,
+                        help="also list the N operators, by input shapes, with the most GPU time of their own")
     parser.add_argument("--variants", default="shipped,peft", help=f"comma-separated, of {', '.join(VARIANTS)}")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -111,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     work = Path(tempfile.mkdtemp(prefix="profile-step-"))
     for variant in variants:
-        report(VARIANTS[variant][0], profile_one_step(args.base, work, variant), args.top)
+        report(VARIANTS[variant][0], profile_one_step(args.base, work, variant, args.ops), args.top)
     return 0
 
 

@@ -185,6 +185,10 @@ def test_profiles_resolve_to_plans():
     assert _plan(_r2(profile="plain")).label == "plain (eager)"
     assert _plan(_r2(profile="fast")).label == "fast (cuda graph, channels-last)"
     assert _plan(_r2(profile="fast")).channels_last_norms  # the NHWC GroupNorm kernel, launched from the graph
+    # cuDNN's attention kernels for the full-resolution self-attention, wherever the device is a GPU
+    assert [_plan(_r2(profile=p), device=d).top_attention for p, d in (
+        ("fast", "cuda"), ("low-memory", "cuda"), ("plain", "cuda"), ("low-memory", "cpu"))] == [
+        "cudnn", "cudnn", "flash", "flash"]
     assert _plan(_r2(profile="fast", gradient_checkpointing=True)).label == FAST_CKPT
     assert _plan(_r2(profile="low-memory")).label == "low-memory (nf4, checkpointing, cuda graph)"
     assert _plan(_r2(), device="cpu").label == "plain (eager)"

@@ -1,12 +1,18 @@
-"""The NHWC GroupNorm kernel (kernels/group_norm.py): torch's GroupNorm maths without the layout copies, the layer
-patch that uses it only where it can run, and the trial run that falls back to torch's kernel where it cannot."""
+"""kernels/: the NHWC GroupNorm kernel (torch's GroupNorm maths without the layout copies, with the layer patch
+that uses it only where it can run), the transformer blocks' outputs kept channels-last, and the attention backend of
+the full-resolution self-attention."""
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from lora_dreambooth.kernels.attention import route_attention
 from lora_dreambooth.kernels.group_norm import group_norm_nhwc, supports, trial_failure, use_channels_last_group_norm
+from lora_dreambooth.kernels.layouts import keep_transformer_outputs_channels_last
+from lora_dreambooth.tiny import build_tiny_pipeline
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel is written in Triton for CUDA")
 
@@ -99,4 +105,80 @@ def test_a_channels_last_unet_block_with_patched_norms_trains_like_torchs_norms(
     assert not outputs[0].is_contiguous(memory_format=torch.channels_last)  # torch's norm returns NCHW
     assert torch.allclose(outputs[0], outputs[1], atol=0.05, rtol=0.02)
     assert torch.allclose(grads[0], grads[1], atol=1e-3, rtol=0.05)
+
+
+@contextlib.contextmanager
+def _proj_out_layouts(unet):
+    """Whether each transformer block's `proj_out` received an NHWC tensor during one forward."""
+    seen = []
+    hooks = [m.proj_out.register_forward_pre_hook(
+        lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        for m in unet.modules() if hasattr(m, "_get_output_for_continuous_inputs")]
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_transformer_outputs_stay_channels_last_with_the_same_values_and_gradients():
+    unets = [build_tiny_pipeline(seed=3).unet.to(memory_format=torch.channels_last) for _ in range(2)]
+    assert keep_transformer_outputs_channels_last(unets[1]) == 4  # down 1, mid 1, up 2
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
+    text = torch.randn(2, 77, 32)
+    results = []
+    for unet in unets:
+        x = latents.clone().requires_grad_(True)
+        with _proj_out_layouts(unet) as seen:
+            out = unet(x, torch.tensor([10, 500]), encoder_hidden_states=text).sample
+        out.square().mean().backward()
+        results.append((out.detach(), x.grad, seen))
+    (plain, plain_grad, plain_seen), (kept, kept_grad, kept_seen) = results
+    assert plain_seen == [False] * 4 and kept_seen == [True] * 4  # diffusers copies to NCHW first
+    assert torch.allclose(plain, kept, atol=1e-5) and torch.allclose(plain_grad, kept_grad, atol=1e-6)
+
+
+def test_only_the_full_resolution_attention_is_routed_and_computes_the_same():
+    unets = [build_tiny_pipeline(seed=4).unet for _ in range(2)]
+    assert route_attention(unets[1], "flash") == 0  # torch's own choice: nothing to change
+    # attn1 of down block 0's one layer and of the last up block's two (SD v1: 2 + 3)
+    assert route_attention(unets[1], "cudnn") == 3
+    routed = {name for name, m in unets[1].named_modules() if type(getattr(m, "processor", None)).__name__
+              == "PreferredBackendProcessor"}
+    assert all(name.endswith("attn1") and name.startswith(("down_blocks.0.", "up_blocks.1.")) for name in routed)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        route_attention(unets[1], "tpu")
+    fresh = build_tiny_pipeline(seed=4).unet
+    assert route_attention(fresh, "cudnn", levels=2, cross=True) == 6  # attn2 too; level 2 has no attention here
+    torch.manual_seed(0)
+    latents, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    outs = [unet(latents, torch.tensor([10, 500]), encoder_hidden_states=text).sample for unet in unets]
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+@CUDA
+@pytest.mark.parametrize("backend", ["cudnn", "efficient"])
+def test_on_a_gpu_the_routed_backend_trains_like_flash_attention_at_sd_shapes(backend):
+    from diffusers.models.attention_processor import Attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    attn = Attention(320, heads=8, dim_head=40).cuda().to(torch.bfloat16)  # SD v1's 64x64 level
+    x = torch.randn(2, 4096, 320, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for routed in (False, True):
+        model = torch.nn.Sequential()
+        model.add_module("down_blocks", torch.nn.ModuleList([attn]))
+        model.add_module("up_blocks", torch.nn.ModuleList([torch.nn.Identity()]))
+        if routed:
+            assert route_attention(model, backend) == 1
+        inputs = x.clone().requires_grad_(True)
+        with contextlib.nullcontext() if routed else sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = attn(inputs)
+        out.float().square().mean().backward()
+        results.append((out.float(), inputs.grad.float()))
+    (out_flash, grad_flash), (out_routed, grad_routed) = results
+    assert torch.allclose(out_flash, out_routed, atol=2e-2, rtol=2e-2)
+    assert torch.allclose(grad_flash, grad_routed, atol=1e-3, rtol=5e-2)
 

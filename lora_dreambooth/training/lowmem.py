@@ -23,7 +23,9 @@ from torch import nn
 from lora_dreambooth.adapters.precision import norms_compute_in_weight_dtype
 from lora_dreambooth.config import TrainConfig, parse_size
 from lora_dreambooth.errors import UserInputError
+from lora_dreambooth.kernels.attention import route_attention
 from lora_dreambooth.kernels.group_norm import use_channels_last_group_norm
+from lora_dreambooth.kernels.layouts import keep_transformer_outputs_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +317,13 @@ class ExecutionPlan:
     # with channels_last: GroupNorm in NHWC too (kernels/group_norm.py); only under a graph, which replays its
     # Triton launches without their host cost
     channels_last_norms: bool = False
+    # with channels_last: the transformer blocks hand NHWC tokens to their 1x1 proj_out (kernels/layouts.py)
+    channels_last_outputs: bool = True
+    # scaled-dot-product backend of the self-attention at the UNet's full latent resolution (kernels/attention.py);
+    # "cudnn" on CUDA (fast, low-memory): +7% R2 it/s on an H100 for one shape's plans
+    top_attention: str = "flash"
+    top_attention_levels: int = 1  # resolution levels routed, from the full one down
+    top_attention_cross: bool = False  # their cross-attention too
     predicted_bytes: float | None = None
     reasons: tuple[str, ...] = field(default=(), compare=False)
 
@@ -400,7 +409,8 @@ def choose_plan(cfg: TrainConfig, *, device: torch.device, num_processes: int, u
         return ExecutionPlan(profile, cuda_graph=graph, quantize="nf4" if quantized else None,
                              gradient_checkpointing=checkpointing, compile=cfg.compile and profile != "plain",
                              channels_last=profile == "fast" and device.type == "cuda", predicted_bytes=peak,
-                             channels_last_norms=graph, reasons=tuple(reasons))
+                             channels_last_norms=graph, reasons=tuple(reasons),
+                             top_attention="cudnn" if profile != "plain" and device.type == "cuda" else "flash")
 
     graph_notes = [f"no CUDA graph: {', '.join(blockers)}"] if blockers else graph_paths(cfg, num_processes)
     if cfg.profile == "plain" or (cfg.profile == "auto" and device.type != "cuda"):
@@ -460,11 +470,14 @@ def plan_for_base(cfg: TrainConfig, base: Any, *, device: torch.device, num_proc
 def place_frozen_models(unet: nn.Module, text_encoder: nn.Module | None, plan: ExecutionPlan, *,
                         device: torch.device, dtype: torch.dtype) -> None:
     """Put the frozen base where the plan runs it: NF4-quantized layer by layer from the CPU copy (the
-    full-precision model never lands on the device), or cast to the compute dtype; NHWC convolutions when planned
-    (measured ~8% faster on an H100, BENCHMARKS.md), and under a graph their GroupNorms in NHWC as well
-    (`use_channels_last_group_norm`: no layout copies around each norm; +15% R2 it/s on an H200). In a 16-bit
-    compute dtype the norm layers compute in it under autocast too (`norms_compute_in_weight_dtype`: 11% faster R2
-    steps on an H200)."""
+    full-precision model never lands on the device), or cast to the compute dtype, whose norm layers then compute in
+    it under autocast too (`norms_compute_in_weight_dtype`: 11% faster R2 steps on an H200). Then what the plan
+    asks for (BENCHMARKS.md has each one's measurements):
+    - NHWC convolutions (~8% on an H100), with the transformer blocks' outputs kept NHWC
+      (`keep_transformer_outputs_channels_last`) and, under a graph, GroupNorm in NHWC (`use_channels_last_group_norm`,
+      +15% on an H200): no layout copies between the blocks;
+    - on a GPU, cuDNN's attention for the full-resolution self-attention (`route_attention`, +7% on an H100).
+    """
     for model in (unet, text_encoder):
         if model is not None and plan.quantize:
             quantize_frozen(model, compute_dtype=dtype, device=device)
@@ -474,5 +487,9 @@ def place_frozen_models(unet: nn.Module, text_encoder: nn.Module | None, plan: E
             norms_compute_in_weight_dtype(model)
     if plan.channels_last:
         unet.to(memory_format=torch.channels_last)
+        if plan.channels_last_outputs:
+            keep_transformer_outputs_channels_last(unet)
         if plan.channels_last_norms:
             use_channels_last_group_norm(unet)
+    if device.type == "cuda":
+        route_attention(unet, plan.top_attention, levels=plan.top_attention_levels, cross=plan.top_attention_cross)
