@@ -8,6 +8,8 @@ process-wide. Routing only these layers to it plans one shape forward and one ba
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -31,19 +33,31 @@ def route_attention(unet: torch.nn.Module, backend: str, levels: int = 1, cross:
         return 0
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    class PreferredBackendProcessor(AttnProcessor2_0):
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                     *args, **kwargs):
-            with sdpa_kernel(order, set_priority=True):
-                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                                        *args, **kwargs)
-
     down, up = list(getattr(unet, "down_blocks", [])), list(getattr(unet, "up_blocks", []))[::-1]
     blocks = down[:levels] + up[:levels]
     changed = 0
     for module in (m for block in blocks for m in block.modules()):
         if getattr(module, "is_cross_attention", None) in ((False, True) if cross else (False,)) \
                 and type(getattr(module, "processor", None)) is AttnProcessor2_0:
-            module.set_processor(PreferredBackendProcessor())
+            module.set_processor(_processor_class()(order))
             changed += 1
     return changed
+
+
+@functools.cache
+def _processor_class() -> type:
+    """diffusers' `AttnProcessor2_0` run inside `sdpa_kernel` with a backend order (diffusers is imported on use)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class PreferredBackendProcessor(AttnProcessor2_0):
+        def __init__(self, order: list[SDPBackend]):
+            super().__init__()
+            self.order = order
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                     *args, **kwargs):
+            with sdpa_kernel(self.order, set_priority=True):
+                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                        *args, **kwargs)
+
+    return PreferredBackendProcessor
