@@ -247,10 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("bench-out"))
     parser.add_argument("--settings", default="R1,R2,R3")
     parser.add_argument("--profiles", default="plain,fast,low-memory",
-                        help="comma list of plain, fast, fast+ckpt, low-memory; "
-                             "'fast:nchw' probes fast without channels-last, "
-                             "'fast:peft' fast with peft's own LoRA forward (not the fused update), "
-                             "'fast:torch-gn' fast with torch's NCHW GroupNorm (not the NHWC kernel)")
+                        help="comma list of plain, fast, fast+ckpt, low-memory; 'fast:PROBE' runs fast with one "
+                             f"lever changed, PROBE one of {', '.join(PROBES)} (nchw: no channels-last; the others: "
+                             "PLAN_PROBES in this script)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--resolution", type=int, default=512)
@@ -261,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mixed-precision", default="bf16", choices=("bf16", "fp16", "no"),
                         help="compute precision of every run (fp16: what a T4 or V100 runs, with loss scaling)")
     args = parser.parse_args(argv)
+    unknown = [p for p in args.profiles.split(",") if p.partition(":")[2] and p.partition(":")[2] not in PROBES]
+    if unknown:  # a misspelt probe would otherwise measure the shipped plan under the probe's name
+        parser.error(f"unknown probe(s) {', '.join(unknown)}; known: {', '.join(PROBES)}")
     if not torch.cuda.is_available():
         raise SystemExit("bench_train.py needs a CUDA GPU")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

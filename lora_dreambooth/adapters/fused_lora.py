@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from lora_dreambooth.adapters.precision import LOW_PRECISION
+from lora_dreambooth.kernels import LOW_PRECISION
 
 _OUT_DTYPE_WORKS: dict[str, bool] = {}  # device type -> whether torch.mm(..., out_dtype=) runs there
 

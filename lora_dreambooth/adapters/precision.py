@@ -8,7 +8,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
+from lora_dreambooth.kernels import LOW_PRECISION
 
 
 @contextlib.contextmanager

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lora_dreambooth.kernels import LOW_PRECISION
+
 log = logging.getLogger(__name__)
 
 BLOCK = 2048  # elements of one group a program handles; a group of an SD UNet at 64x64 latents has 40,960
@@ -54,7 +56,7 @@ def use_channels_last_group_norm(model: torch.nn.Module) -> int:
     input goes to the layer's previous forward. Returns how many layers changed: none when the kernel fails its
     trial run on the layers' GPU (say, Triton finds no C compiler), which is logged once."""
     norms = [m for m in model.modules() if type(m) is torch.nn.GroupNorm and m.weight is not None
-             and m.weight.dtype in (torch.float16, torch.bfloat16)]
+             and m.weight.dtype in LOW_PRECISION]
     failure = norms and norms[0].weight.is_cuda and trial_failure(norms[0].weight.device, norms[0].weight.dtype)
     if failure:
         log.warning("GroupNorm runs torch's NCHW kernel: the NHWC kernel failed its trial run (%s)", failure)

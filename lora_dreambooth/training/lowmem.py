@@ -491,5 +491,4 @@ def place_frozen_models(unet: nn.Module, text_encoder: nn.Module | None, plan: E
             keep_transformer_outputs_channels_last(unet)
         if plan.channels_last_norms:
             use_channels_last_group_norm(unet)
-    if device.type == "cuda":
-        route_attention(unet, plan.top_attention, levels=plan.top_attention_levels, cross=plan.top_attention_cross)
+    route_attention(unet, plan.top_attention, levels=plan.top_attention_levels, cross=plan.top_attention_cross)
