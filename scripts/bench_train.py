@@ -83,13 +83,15 @@ class ContiguousRecipe(TimedRecipe):
 # probe -> the ExecutionPlan fields it changes: one lever at a time against the shipped plan (profile_step.py
 # profiles the same probes)
 PLAN_PROBES = {"peft": {"fused_adapters": False},  # peft's own LoRA forward, not the fused update (fused_lora.py)
+               "unfolded": {"fused_base_linear": False},  # the fused update after the base layer, not with it
                "torch-gn": {"channels_last_norms": False},  # torch's NCHW GroupNorm, not the NHWC kernel
                # diffusers' transformer-block output: tokens made NCHW-contiguous before proj_out
                "diffusers-layout": {"channels_last_outputs": False},
                # the full-resolution self-attention on flash attention (torch's choice), not cuDNN's kernel
                "flash-top": {"top_attention": "flash"},
                # cuDNN's kernel for the self-attention of the two highest-resolution levels, not only the first
-               "cudnn-top2": {"top_attention_levels": 2}, "cudnn-top-cross": {"top_attention_cross": True}}
+               "cudnn-top2": {"top_attention_levels": 2}, "cudnn-top-cross": {"top_attention_cross": True},
+               "torch-geglu": {"fused_geglu": False}}  # diffusers' chunk, GELU and product, not the GEGLU kernel
 
 
 def plan_probe(base: type, overrides: dict) -> type:

@@ -42,7 +42,7 @@ def kind_of(kernel: str) -> str:
 
 # variant -> (label, ExecutionPlan fields it changes): bench_train.py's plan probes
 LABELS = {"shipped": "as shipped", "peft": "peft's forward", "torch-gn": "torch's NCHW GroupNorm",
-          "flash-top": "flash attention at 64x64"}
+          "torch-geglu": "diffusers' GEGLU gate", "flash-top": "flash attention at 64x64"}
 VARIANTS = {name: (LABELS.get(name, name), fields) for name, fields in {"shipped": {}, **PLAN_PROBES}.items()}
 
 

@@ -148,6 +148,38 @@ def test_fused_lora_layers_compute_peft_s_output_and_gradients(alpha, x_dtype):
     assert not torch.equal(out_fused, out_peft)
 
 
+def test_a_frozen_torch_linear_base_computes_in_the_adapter_s_node_and_other_bases_before_it():
+    model = _fused_model()
+    fuse_lora_layers([model])
+    x = torch.randn(2, 16).to(torch.bfloat16)
+    model[2].base_layer.register_forward_hook(lambda *_: None)  # someone watches this base layer: keep it called
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first, second = model[0](x), model[2](torch.randn(2, 32).to(torch.bfloat16))
+    assert type(first.grad_fn).__name__ == "LoraLinearBackward"
+    assert type(second.grad_fn).__name__ == "LoraUpdateBackward"
+
+
+def test_adapter_weights_are_cast_once_per_forward_and_never_read_stale():
+    model = _fused_model()
+    fuse_lora_layers([model])
+    x = torch.randn(2, 16).to(torch.bfloat16)
+
+    def forward(cast_once: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16), adapters_compute_in_autocast([model], enabled=cast_once):
+            return model(x)
+
+    first = forward(cast_once=True)
+    casts = model._lora_adapter_casts
+    assert [tuple(c.shape) for c in casts.copies[torch.bfloat16]] == [(4, 16), (32, 4), (4, 32), (8, 4)]
+    assert not casts.armed and torch.equal(first, forward(cast_once=False))  # the same values as layer by layer
+    with torch.no_grad():  # an optimizer step between two forwards
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.25)
+    second = forward(cast_once=True)
+    assert not torch.equal(first, second) and torch.equal(second, forward(cast_once=False))
+
+
 def test_fused_lora_layers_are_restored_and_leave_what_they_cannot_fuse_to_peft():
     plain, dora, dropout = _fused_model(), _fused_model(use_dora=True), _fused_model(lora_dropout=0.1)
     restore = fuse_lora_layers([plain, dora, dropout, None])

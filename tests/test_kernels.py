@@ -1,6 +1,6 @@
 """kernels/: the NHWC GroupNorm kernel (torch's GroupNorm maths without the layout copies, with the layer patch
-that uses it only where it can run), the transformer blocks' outputs kept channels-last, and the attention backend of
-the full-resolution self-attention."""
+that uses it only where it can run), the transformer blocks' outputs kept channels-last, the attention backend of
+the full-resolution self-attention, and GEGLU's fused gate."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from lora_dreambooth.kernels.attention import route_attention
+from lora_dreambooth.kernels.geglu import geglu, use_fused_geglu
+from lora_dreambooth.kernels.geglu import trial_failure as geglu_trial_failure
 from lora_dreambooth.kernels.group_norm import group_norm_nhwc, supports, trial_failure, use_channels_last_group_norm
 from lora_dreambooth.kernels.layouts import keep_transformer_outputs_channels_last
 from lora_dreambooth.tiny import build_tiny_pipeline
@@ -182,3 +184,38 @@ def test_on_a_gpu_the_routed_backend_trains_like_flash_attention_at_sd_shapes(ba
     assert torch.allclose(out_flash, out_routed, atol=2e-2, rtol=2e-2)
     assert torch.allclose(grad_flash, grad_routed, atol=1e-3, rtol=5e-2)
 
+
+def test_geglu_layers_are_patched_and_on_a_cpu_compute_exactly_as_before():
+    unets = [build_tiny_pipeline(seed=5).unet for _ in range(2)]
+    assert use_fused_geglu(unets[1], torch.float32) == 4  # one feed-forward per transformer block
+    latents, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    outs = [unet(latents, torch.tensor([10, 500]), encoder_hidden_states=text).sample for unet in unets]
+    assert torch.equal(outs[0], outs[1])
+
+
+@CUDA
+def test_on_a_gpu_the_geglu_kernels_pass_their_trial_run():
+    assert geglu_trial_failure(torch.device("cuda"), torch.bfloat16) is None
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 4096, 2 * 1280), (2, 64, 2 * 5120), (3, 7, 2 * 40)])
+def test_the_geglu_kernels_match_diffusers_maths_within_rounding(shape, dtype):
+    torch.manual_seed(0)
+    projected = torch.randn(shape, device="cuda").to(dtype)
+    grad_out = torch.randn(*shape[:-1], shape[-1] // 2, device="cuda").to(dtype)
+    results = []
+    for fused in (False, True):
+        p = projected.clone().requires_grad_(True)
+        if fused:
+            out = geglu(p)
+        else:
+            value, gate = p.chunk(2, dim=-1)
+            out = value * F.gelu(gate)
+        out.backward(grad_out)
+        results.append((out.float(), p.grad.float()))
+    (out_ref, grad_ref), (out_fused, grad_fused) = results
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.02, rtol=0.02)
+    assert torch.allclose(out_fused, out_ref, **tol)
+    assert torch.allclose(grad_fused, grad_ref, **tol)

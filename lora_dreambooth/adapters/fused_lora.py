@@ -6,7 +6,9 @@ then cast to the fp32 master weight's dtype. :class:`LoraUpdate` computes `base(
 the product added inside the second matmul (`addmm`) and writes the weight gradients straight in fp32 (`out_dtype`
 on CUDA). Measured on an H100 (BENCHMARKS.md, issue 16): one R2 training step ran 5,233 kernels in 35.95 ms of GPU
 time instead of 5,937 in 37.50 ms, and the replayed R2 loop 26.59 it/s instead of 25.45 (+4.5%), the same loss
-curve to four decimals.
+curve to four decimals. Where the base layer is a frozen `torch.nn.Linear` (not a quantized one),
+:class:`LoraLinear` computes the base product in the same node too, so the input's gradient needs no separate add of
+the two paths' gradients.
 
 The same maths as peft's layer, rounded in fewer places (the adapter product is added to the base output before it
 is rounded to 16 bits, not after). peft still owns the layers, their weights, saving and loading; this only
@@ -16,13 +18,16 @@ run peft's own forward.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import types
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
 from lora_dreambooth.kernels import LOW_PRECISION
 
+_CASTS = "_lora_adapter_casts"  # the attribute under which a fused model keeps its AdapterCasts
 _OUT_DTYPE_WORKS: dict[str, bool] = {}  # device type -> whether torch.mm(..., out_dtype=) runs there
 
 
@@ -49,15 +54,15 @@ class LoraUpdate(torch.autograd.Function):
     """`result + scale * (x @ weight_a.T) @ weight_b.T`, computed in `result`'s (16-bit) dtype.
 
     `result` is the base layer's output; `weight_a` (r, in) and `weight_b` (out, r) are the adapter's fp32 master
-    weights, which receive fp32 gradients.
+    weights, which receive fp32 gradients; `cast`, when given, their values in `result`'s dtype.
     """
 
     @staticmethod
     def forward(ctx, result: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
-                scale: float) -> torch.Tensor:
+                scale: float, cast: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         dtype = result.dtype
         with torch.autocast(result.device.type, enabled=False):
-            a, b = weight_a.to(dtype), weight_b.to(dtype)
+            a, b = cast if cast is not None else (weight_a.to(dtype), weight_b.to(dtype))
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             xa = torch.mm(x2, a.t())
             out = torch.addmm(result.reshape(-1, result.shape[-1]), xa, b.t(), alpha=scale)
@@ -83,7 +88,53 @@ class LoraUpdate(torch.autograd.Function):
             grad_b = _mm_out(g.t(), xa, ctx.weight_dtypes[1])
             if scale != 1.0:
                 grad_b.mul_(scale)
-        return grad_out, grad_x, grad_a, grad_b, None
+        return grad_out, grad_x, grad_a, grad_b, None, None
+
+
+class LoraLinear(torch.autograd.Function):
+    """`x @ weight.T + bias + scale * (x @ weight_a.T) @ weight_b.T` in `dtype`: the frozen base linear and the
+    adapter as one node.
+
+    The same kernels as a :class:`LoraUpdate` after the base layer, less one: the input's gradient is one matmul
+    plus one with accumulation (`addmm`) instead of two matmuls and an add of the base path's and the adapter
+    path's gradients. `weight` and `bias` are the base layer's frozen parameters; `weight_a` and `weight_b` the
+    adapter's fp32 master weights, which receive fp32 gradients; `cast`, when given, their values in `dtype`.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_a: torch.Tensor,
+                weight_b: torch.Tensor, scale: float, dtype: torch.dtype,
+                cast: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            w = weight.to(dtype)
+            a, b = cast if cast is not None else (weight_a.to(dtype), weight_b.to(dtype))
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            base = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+            xa = torch.mm(x2, a.t())
+            out = torch.addmm(base, xa, b.t(), alpha=scale)
+        ctx.save_for_backward(x2, xa, w, a, b)
+        ctx.scale, ctx.x_shape, ctx.x_dtype = scale, x.shape, x.dtype
+        ctx.weight_dtypes = (weight_a.dtype, weight_b.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x2, xa, w, a, b = ctx.saved_tensors
+        scale = ctx.scale
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(a.dtype)
+        gb = torch.mm(g, b)  # (N, r), the scale applied where it costs least
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.addmm(torch.mm(g, w), gb, a, alpha=scale).view(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_a = _mm_out(gb.t(), x2, ctx.weight_dtypes[0])
+            if scale != 1.0:
+                grad_a.mul_(scale)
+        if ctx.needs_input_grad[4]:
+            grad_b = _mm_out(g.t(), xa, ctx.weight_dtypes[1])
+            if scale != 1.0:
+                grad_b.mul_(scale)
+        return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
 def _plain_lora_linear(module: torch.nn.Module) -> bool:
@@ -97,35 +148,110 @@ def _plain_lora_linear(module: torch.nn.Module) -> bool:
                for name in module.lora_A.keys())
 
 
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft's `Linear.forward` for one active plain adapter under autocast, as a :class:`LoraUpdate`."""
+class AdapterCasts:
+    """The fused layers' adapter weights, and their 16-bit copies made in one multi-tensor copy per forward.
+
+    Cast layer by layer, an SD training step's ~350 adapter weights cost as many small kernels. Within
+    :func:`cast_adapters_once`, the first fused layer that runs under autocast copies all of them at once and every
+    layer reads its copies. Outside it (a checkpointed block recomputed in the backward pass, validation) each layer
+    casts its own weights, as before: a copy is never read after the weights may have changed.
+    """
+
+    def __init__(self, weights: list[torch.Tensor]):
+        self.weights = weights
+        self.copies: dict[torch.dtype, list[torch.Tensor]] = {}
+        self.armed = False
+        self.current: torch.dtype | None = None
+
+    def cast(self, slot: int, weight_a: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The copies of the weights at `slot` (A) and `slot + 1` (B) in `dtype`, made now if not yet in this
+        forward; None outside :func:`cast_adapters_once` or where the layer's weight is no longer the one listed."""
+        if not self.armed or self.weights[slot] is not weight_a:
+            return None
+        if self.current != dtype:
+            copies = self.copies.get(dtype)
+            if copies is None:
+                copies = self.copies[dtype] = [torch.empty_like(w, dtype=dtype) for w in self.weights]
+            with torch.no_grad():
+                torch._foreach_copy_(copies, self.weights)
+            self.current = dtype
+        copies = self.copies[dtype]
+        return copies[slot], copies[slot + 1]
+
+
+@contextlib.contextmanager
+def cast_adapters_once(models: Iterable[torch.nn.Module | None]) -> Iterator[None]:
+    """Within: the fused layers of `models` read 16-bit copies of their adapter weights made once, at the first
+    layer (:class:`AdapterCasts`). Use around one forward pass, during which the weights do not change."""
+    casts = {id(c): c for m in models if m is not None for c in [getattr(m, _CASTS, None)] if c is not None}
+    for c in casts.values():
+        c.armed, c.current = True, None
+    try:
+        yield
+    finally:
+        for c in casts.values():
+            c.armed, c.current = False, None
+
+
+def _fused_forward(self, x: torch.Tensor, *args, fold_base: bool = True, casts: AdapterCasts | None = None,
+                   slot: int = 0, **kwargs) -> torch.Tensor:
+    """peft's `Linear.forward` for one active plain adapter under autocast, as a :class:`LoraLinear` (with
+    `fold_base`, where the base is a frozen `torch.nn.Linear`) or a :class:`LoraUpdate` after the base layer."""
     active = self.active_adapters
     device_type = x.device.type
     if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or active[0] not in self.lora_A
             or not torch.is_autocast_enabled(device_type)):
         return type(self).forward(self, x, *args, **kwargs)
     name = active[0]
-    result = self.base_layer(x)
+    base, dtype = self.base_layer, torch.get_autocast_dtype(device_type)
+    weight_a, weight_b, scale = self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name])
+    cast = casts.cast(slot, weight_a, dtype) if casts is not None and dtype in LOW_PRECISION else None
+    if fold_base and dtype in LOW_PRECISION and _frozen_plain_linear(base):
+        return LoraLinear.apply(x, base.weight, base.bias, weight_a, weight_b, scale, dtype, cast)
+    result = base(x)
     if result.dtype not in LOW_PRECISION:
         return type(self).forward(self, x)
-    return LoraUpdate.apply(result, x, self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]))
+    return LoraUpdate.apply(result, x, weight_a, weight_b, scale, cast if result.dtype == dtype else None)
 
 
-def fuse_lora_layers(models: Iterable[torch.nn.Module | None]) -> Callable[[], None]:
-    """From now on, every plain peft LoRA Linear layer of `models` computes through :class:`LoraUpdate` whenever it
-    runs under autocast; returns a function that gives the layers peft's forward back.
+def _active_weights(layer: torch.nn.Module) -> list[torch.Tensor]:
+    """A and B of the layer's one active adapter (empty where it has several)."""
+    active = layer.active_adapters
+    return [layer.lora_A[active[0]].weight, layer.lora_B[active[0]].weight] if len(active) == 1 else []
+
+
+def _frozen_plain_linear(module: torch.nn.Module) -> bool:
+    """A `torch.nn.Linear` itself (not a quantized or patched one) whose parameters are frozen."""
+    return (type(module) is torch.nn.Linear and "forward" not in vars(module) and not module._forward_hooks
+            and not module._forward_pre_hooks and not any(p.requires_grad for p in module.parameters()))
+
+
+def fuse_lora_layers(models: Iterable[torch.nn.Module | None], fold_base: bool = True) -> Callable[[], None]:
+    """From now on, every plain peft LoRA Linear layer of `models` computes through :class:`LoraLinear` (with
+    `fold_base`, where its base is a frozen `torch.nn.Linear`) or :class:`LoraUpdate` whenever it runs under
+    autocast; returns a function that gives the layers peft's forward back.
 
     Installed for the whole run, not per forward: a checkpointed block recomputes its forward during the backward
     pass, which must save the same tensors as the first time.
     """
-    layers = [m for model in models if model is not None for m in model.modules()
+    models = [m for m in models if m is not None]
+    layers = [m for model in models for m in model.modules()
               if _plain_lora_linear(m) and "forward" not in m.__dict__]  # a layer someone else patched stays as is
-    for layer in layers:
-        layer.forward = types.MethodType(_fused_forward, layer)
+    weights = [w for layer in layers for w in _active_weights(layer)]
+    casts = AdapterCasts(weights) if weights else None
+    for index, layer in enumerate(layers):
+        slot = 2 * index if len(_active_weights(layer)) == 2 else -1
+        forward = functools.partial(_fused_forward, fold_base=fold_base, casts=casts if slot >= 0 else None,
+                                    slot=max(slot, 0))
+        layer.forward = types.MethodType(forward, layer)
+    for model in models:
+        setattr(model, _CASTS, casts)
 
     def restore() -> None:
         for layer in layers:
             layer.__dict__.pop("forward", None)
+        for model in models:
+            model.__dict__.pop(_CASTS, None)
         layers.clear()
 
     return restore

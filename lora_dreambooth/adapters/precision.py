@@ -19,15 +19,20 @@ def adapters_compute_in_autocast(models: Iterable[torch.nn.Module | None], enabl
     Autocast casts that input back to the compute dtype before the matmul anyway, so the results are bit-identical;
     what goes is two activation-sized copies per adapted layer in the forward pass and two in the backward pass
     (about 1,400 kernels per SD training step). peft's own `disable_input_dtype_casting` does the switching. Never
-    enable it without autocast: an fp32 adapter would then see 16-bit inputs.
+    enable it without autocast: an fp32 adapter would then see 16-bit inputs. Fused layers (`fused_lora.py`) also
+    cast their adapter weights to the compute dtype all at once (`cast_adapters_once`), not layer by layer.
     """
+    models = list(models)
     with contextlib.ExitStack() as stack:
         if enabled:
             from peft.helpers import disable_input_dtype_casting
 
+            from lora_dreambooth.adapters.fused_lora import cast_adapters_once
+
             for model in models:
                 if model is not None:
                     stack.enter_context(disable_input_dtype_casting(model))
+            stack.enter_context(cast_adapters_once(models))
         yield
 
 

@@ -24,6 +24,7 @@ from lora_dreambooth.adapters.precision import norms_compute_in_weight_dtype
 from lora_dreambooth.config import TrainConfig, parse_size
 from lora_dreambooth.errors import UserInputError
 from lora_dreambooth.kernels.attention import route_attention
+from lora_dreambooth.kernels.geglu import use_fused_geglu
 from lora_dreambooth.kernels.group_norm import use_channels_last_group_norm
 from lora_dreambooth.kernels.layouts import keep_transformer_outputs_channels_last
 
@@ -314,9 +315,12 @@ class ExecutionPlan:
     compile: bool = False
     channels_last: bool = False  # the frozen bf16 UNet's convolutions in NHWC (fast profile on CUDA)
     fused_adapters: bool = True  # plain LoRA layers: one autograd node each under autocast (adapters/fused_lora.py)
+    fused_base_linear: bool = True  # with fused_adapters: a frozen torch Linear base computed in that node too
     # with channels_last: GroupNorm in NHWC too (kernels/group_norm.py); only under a graph, which replays its
     # Triton launches without their host cost
     channels_last_norms: bool = False
+    # GEGLU's gate as one Triton kernel each way (kernels/geglu.py); under a graph only, as the norms
+    fused_geglu: bool = False
     # with channels_last: the transformer blocks hand NHWC tokens to their 1x1 proj_out (kernels/layouts.py)
     channels_last_outputs: bool = True
     # scaled-dot-product backend of the self-attention at the UNet's full latent resolution (kernels/attention.py);
@@ -409,7 +413,7 @@ def choose_plan(cfg: TrainConfig, *, device: torch.device, num_processes: int, u
         return ExecutionPlan(profile, cuda_graph=graph, quantize="nf4" if quantized else None,
                              gradient_checkpointing=checkpointing, compile=cfg.compile and profile != "plain",
                              channels_last=profile == "fast" and device.type == "cuda", predicted_bytes=peak,
-                             channels_last_norms=graph, reasons=tuple(reasons),
+                             channels_last_norms=graph, fused_geglu=graph, reasons=tuple(reasons),
                              top_attention="cudnn" if profile != "plain" and device.type == "cuda" else "flash")
 
     graph_notes = [f"no CUDA graph: {', '.join(blockers)}"] if blockers else graph_paths(cfg, num_processes)
@@ -476,6 +480,7 @@ def place_frozen_models(unet: nn.Module, text_encoder: nn.Module | None, plan: E
     - NHWC convolutions (~8% on an H100), with the transformer blocks' outputs kept NHWC
       (`keep_transformer_outputs_channels_last`) and, under a graph, GroupNorm in NHWC (`use_channels_last_group_norm`,
       +15% on an H200): no layout copies between the blocks;
+    - under a graph, GEGLU's gate in one kernel each way (`use_fused_geglu`);
     - on a GPU, cuDNN's attention for the full-resolution self-attention (`route_attention`, +7% on an H100).
     """
     for model in (unet, text_encoder):
@@ -491,4 +496,6 @@ def place_frozen_models(unet: nn.Module, text_encoder: nn.Module | None, plan: E
             keep_transformer_outputs_channels_last(unet)
         if plan.channels_last_norms:
             use_channels_last_group_norm(unet)
+    if plan.fused_geglu:
+        use_fused_geglu(unet, dtype)
     route_attention(unet, plan.top_attention, levels=plan.top_attention_levels, cross=plan.top_attention_cross)
