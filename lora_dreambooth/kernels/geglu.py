@@ -10,14 +10,12 @@ arithmetic in fp32, each output rounded once to the input's dtype.
 from __future__ import annotations
 
 import functools
-import logging
-import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from lora_dreambooth.kernels._patching import error_line, install_forward
 
 BLOCK = 1024  # output elements per program
 
@@ -42,12 +40,7 @@ def use_fused_geglu(model: torch.nn.Module, dtype: torch.dtype) -> int:
                                                                                        torch.nn.Module)]
     weight = next((p for m in layers for p in m.parameters()), None)
     failure = weight is not None and weight.is_cuda and trial_failure(weight.device, dtype)
-    if failure:
-        log.warning("GEGLU runs diffusers' own gate: the fused kernel failed its trial run (%s)", failure)
-        return 0
-    for layer in layers:
-        layer.forward = types.MethodType(functools.partial(_fused_forward, previous=layer.forward), layer)
-    return len(layers)
+    return install_forward(layers, _fused_forward, failure, "GEGLU runs diffusers' own gate")
 
 
 @functools.cache
@@ -67,7 +60,7 @@ def trial_failure(device: torch.device, dtype: torch.dtype) -> str | None:
         if not torch.isfinite(projected.grad).all():
             return "its gradient is not finite"
     except Exception as error:  # noqa: BLE001 - any compiler or driver error means: use diffusers' own gate
-        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        return error_line(error)
     return None
 
 

@@ -17,16 +17,13 @@ this runs (:func:`supports` checks it).
 from __future__ import annotations
 
 import functools
-import logging
-import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from lora_dreambooth.kernels import LOW_PRECISION
-
-log = logging.getLogger(__name__)
+from lora_dreambooth.kernels._patching import error_line, install_forward
 
 BLOCK = 2048  # elements of one group a program handles; a group of an SD UNet at 64x64 latents has 40,960
 
@@ -58,12 +55,7 @@ def use_channels_last_group_norm(model: torch.nn.Module) -> int:
     norms = [m for m in model.modules() if type(m) is torch.nn.GroupNorm and m.weight is not None
              and m.weight.dtype in LOW_PRECISION]
     failure = norms and norms[0].weight.is_cuda and trial_failure(norms[0].weight.device, norms[0].weight.dtype)
-    if failure:
-        log.warning("GroupNorm runs torch's NCHW kernel: the NHWC kernel failed its trial run (%s)", failure)
-        return 0
-    for module in norms:
-        module.forward = types.MethodType(functools.partial(_channels_last_forward, previous=module.forward), module)
-    return len(norms)
+    return install_forward(norms, _channels_last_forward, failure, "GroupNorm runs torch's NCHW kernel")
 
 
 @functools.cache
@@ -83,7 +75,7 @@ def trial_failure(device: torch.device, dtype: torch.dtype) -> str | None:
         if not torch.allclose(y.float(), expected, atol=0.05, rtol=0.05) or not torch.isfinite(x.grad).all():
             return "its output disagreed with torch's GroupNorm"
     except Exception as error:  # noqa: BLE001 - any compiler or driver error means: use torch's kernel
-        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        return error_line(error)
     return None
 
 
