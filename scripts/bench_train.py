@@ -84,6 +84,8 @@ class ContiguousRecipe(TimedRecipe):
 # profiles the same probes)
 PLAN_PROBES = {"peft": {"fused_adapters": False},  # peft's own LoRA forward, not the fused update (fused_lora.py)
                "unfolded": {"fused_base_linear": False},  # the fused update after the base layer, not with it
+               # weight gradients returned to autograd, which adds them into the static buffers
+               "grads-returned": {"adapter_grads_in_place": False},
                "torch-gn": {"channels_last_norms": False},  # torch's NCHW GroupNorm, not the NHWC kernel
                # diffusers' transformer-block output: tokens made NCHW-contiguous before proj_out
                "diffusers-layout": {"channels_last_outputs": False},

@@ -180,6 +180,41 @@ def test_adapter_weights_are_cast_once_per_forward_and_never_read_stale():
     assert not torch.equal(first, second) and torch.equal(second, forward(cast_once=False))
 
 
+def _two_passes(model, x, device_type: str, bound: bool, in_place: bool = True):
+    """Two forward/backward passes of the fused `model`, and how many adds autograd made into `.grad`; `bound`:
+    fp32 `.grad` buffers exist beforehand (as the graph's static gradients), else they start as None."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p) if bound else None
+    buffers = [p.grad for p in params]
+    restore = fuse_lora_layers([model], grads_in_place=in_place)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as trace:
+        for _ in range(2):
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                out = model(x)
+            out.float().square().sum().backward()
+    restore()
+    accumulations = sum(e.count for e in trace.key_averages() if e.key == "aten::add_")  # autograd's adds
+    return params, buffers, accumulations
+
+
+@pytest.mark.parametrize("device_type", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_weight_gradients_added_in_place_accumulate_what_autograd_would(device_type):
+    model = _fused_model(8).to(device_type)
+    x = torch.randn(2, 64, 16, device=device_type).to(torch.bfloat16)
+    _, expected, _ = _step(model, x, fuse=True, device_type=device_type)  # one pass, returned to autograd
+    assert _two_passes(model, x, device_type, bound=True, in_place=False)[2] == 2 * len(expected)  # autograd adds
+    params, buffers, accumulations = _two_passes(model, x, device_type, bound=True)
+    assert accumulations == 0  # the matmuls wrote the buffers: autograd had nothing to add
+    for p, buffer, one in zip(params, buffers, expected):
+        assert p.grad is buffer  # written where it was, not replaced
+        assert (p.grad - 2 * one).norm() <= 2e-2 * one.norm()  # two passes added up
+    params, _, accumulations = _two_passes(model, x, device_type, bound=False)
+    assert accumulations == 0  # no buffer at first: the first pass's gradients go to autograd, which keeps them
+    for p, one in zip(params, expected):
+        assert (p.grad - 2 * one).norm() <= 2e-2 * one.norm()
+
+
 def test_fused_lora_layers_are_restored_and_leave_what_they_cannot_fuse_to_peft():
     plain, dora, dropout = _fused_model(), _fused_model(use_dora=True), _fused_model(lora_dropout=0.1)
     restore = fuse_lora_layers([plain, dora, dropout, None])

@@ -29,6 +29,7 @@ from lora_dreambooth.kernels import LOW_PRECISION
 
 _CASTS = "_lora_adapter_casts"  # the attribute under which a fused model keeps its AdapterCasts
 _OUT_DTYPE_WORKS: dict[str, bool] = {}  # device type -> whether torch.mm(..., out_dtype=) runs there
+_ADD_INTO_WORKS: dict[str, bool] = {}  # device type -> whether torch.addmm(..., out_dtype=, out=) accumulates there
 
 
 def _mm_out(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -46,6 +47,43 @@ def _mm_out(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return torch.mm(a, b).to(dtype)
 
 
+def _weight_grad(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float,
+                 into_grad: bool) -> torch.Tensor | None:
+    """`scale * left @ right`, the gradient of the fp32 master `weight`, from 16-bit factors.
+
+    With `into_grad`, where `weight.grad` already is an fp32 buffer (the CUDA graph's static gradients), the
+    matmul adds into it itself (`addmm`, beta 1) and None is returned: autograd then has nothing to accumulate,
+    which saves one add kernel per adapter weight and step. Otherwise the gradient is returned, for autograd.
+    """
+    grad = weight.grad if into_grad else None
+    if grad is not None and grad.dtype == torch.float32 and grad.is_contiguous() and grad.shape == weight.shape:
+        if _add_into_works(grad.device.type) and left.dtype in LOW_PRECISION:
+            torch.addmm(grad, left, right, out_dtype=torch.float32, alpha=scale, out=grad)
+        else:  # the same maths where the fused kernel is missing (CPU): fp32 products of the 16-bit values
+            grad.addmm_(left.to(grad.dtype), right.to(grad.dtype), alpha=scale)
+        return None
+    result = _mm_out(left, right, weight.dtype)
+    if scale != 1.0:
+        result.mul_(scale)
+    return result
+
+
+def _add_into_works(kind: str) -> bool:
+    """Whether a 16-bit `addmm` accumulates into its fp32 `out` correctly on this device type (tried once, outside
+    a graph capture; during one before any trial, the portable path runs)."""
+    if _ADD_INTO_WORKS.get(kind) is None and not _capturing():
+        try:
+            total = torch.zeros(2, 3, device=kind)
+            left = torch.ones(2, 4, device=kind, dtype=torch.bfloat16)
+            right = torch.ones(4, 3, device=kind, dtype=torch.bfloat16)
+            for _ in range(2):  # 0 + 0.5 * 4, then + 0.5 * 4: accumulated in place, scaled
+                torch.addmm(total, left, right, out_dtype=torch.float32, alpha=0.5, out=total)
+            _ADD_INTO_WORKS[kind] = bool((total == 4.0).all())
+        except (RuntimeError, NotImplementedError, TypeError):
+            _ADD_INTO_WORKS[kind] = False
+    return bool(_ADD_INTO_WORKS.get(kind))
+
+
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -59,7 +97,8 @@ class LoraUpdate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, result: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
-                scale: float, cast: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                scale: float, cast: tuple[torch.Tensor, torch.Tensor] | None = None,
+                into_grad: bool = False) -> torch.Tensor:
         dtype = result.dtype
         with torch.autocast(result.device.type, enabled=False):
             a, b = cast if cast is not None else (weight_a.to(dtype), weight_b.to(dtype))
@@ -68,13 +107,13 @@ class LoraUpdate(torch.autograd.Function):
             out = torch.addmm(result.reshape(-1, result.shape[-1]), xa, b.t(), alpha=scale)
         ctx.save_for_backward(x2, xa, a, b)
         ctx.scale, ctx.x_shape, ctx.x_dtype = scale, x.shape, x.dtype
-        ctx.weight_dtypes = (weight_a.dtype, weight_b.dtype)
+        ctx.weights, ctx.into_grad = (weight_a, weight_b), into_grad
         return out.view(result.shape)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x2, xa, a, b = ctx.saved_tensors
-        scale = ctx.scale
+        scale, (weight_a, weight_b) = ctx.scale, ctx.weights
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(a.dtype)
         gb = torch.mm(g, b)  # (N, r)
         if scale != 1.0:
@@ -83,12 +122,10 @@ class LoraUpdate(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_x = torch.mm(gb, a).view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
-            grad_a = _mm_out(gb.t(), x2, ctx.weight_dtypes[0])
+            grad_a = _weight_grad(weight_a, gb.t(), x2, 1.0, ctx.into_grad)
         if ctx.needs_input_grad[3]:
-            grad_b = _mm_out(g.t(), xa, ctx.weight_dtypes[1])
-            if scale != 1.0:
-                grad_b.mul_(scale)
-        return grad_out, grad_x, grad_a, grad_b, None, None
+            grad_b = _weight_grad(weight_b, g.t(), xa, scale, ctx.into_grad)
+        return grad_out, grad_x, grad_a, grad_b, None, None, None
 
 
 class LoraLinear(torch.autograd.Function):
@@ -104,7 +141,7 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_a: torch.Tensor,
                 weight_b: torch.Tensor, scale: float, dtype: torch.dtype,
-                cast: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                cast: tuple[torch.Tensor, torch.Tensor] | None = None, into_grad: bool = False) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             w = weight.to(dtype)
             a, b = cast if cast is not None else (weight_a.to(dtype), weight_b.to(dtype))
@@ -114,27 +151,23 @@ class LoraLinear(torch.autograd.Function):
             out = torch.addmm(base, xa, b.t(), alpha=scale)
         ctx.save_for_backward(x2, xa, w, a, b)
         ctx.scale, ctx.x_shape, ctx.x_dtype = scale, x.shape, x.dtype
-        ctx.weight_dtypes = (weight_a.dtype, weight_b.dtype)
+        ctx.weights, ctx.into_grad = (weight_a, weight_b), into_grad
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x2, xa, w, a, b = ctx.saved_tensors
-        scale = ctx.scale
+        scale, (weight_a, weight_b) = ctx.scale, ctx.weights
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(a.dtype)
         gb = torch.mm(g, b)  # (N, r), the scale applied where it costs least
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.addmm(torch.mm(g, w), gb, a, alpha=scale).view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[3]:
-            grad_a = _mm_out(gb.t(), x2, ctx.weight_dtypes[0])
-            if scale != 1.0:
-                grad_a.mul_(scale)
+            grad_a = _weight_grad(weight_a, gb.t(), x2, scale, ctx.into_grad)
         if ctx.needs_input_grad[4]:
-            grad_b = _mm_out(g.t(), xa, ctx.weight_dtypes[1])
-            if scale != 1.0:
-                grad_b.mul_(scale)
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+            grad_b = _weight_grad(weight_b, g.t(), xa, scale, ctx.into_grad)
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None
 
 
 def _plain_lora_linear(module: torch.nn.Module) -> bool:
@@ -194,7 +227,7 @@ def cast_adapters_once(models: Iterable[torch.nn.Module | None]) -> Iterator[Non
 
 
 def _fused_forward(self, x: torch.Tensor, *args, fold_base: bool = True, casts: AdapterCasts | None = None,
-                   slot: int = 0, **kwargs) -> torch.Tensor:
+                   slot: int = 0, grads_in_place: bool = False, **kwargs) -> torch.Tensor:
     """peft's `Linear.forward` for one active plain adapter under autocast, as a :class:`LoraLinear` (with
     `fold_base`, where the base is a frozen `torch.nn.Linear`) or a :class:`LoraUpdate` after the base layer."""
     active = self.active_adapters
@@ -207,11 +240,12 @@ def _fused_forward(self, x: torch.Tensor, *args, fold_base: bool = True, casts: 
     weight_a, weight_b, scale = self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name])
     cast = casts.cast(slot, weight_a, dtype) if casts is not None and dtype in LOW_PRECISION else None
     if fold_base and dtype in LOW_PRECISION and _frozen_plain_linear(base):
-        return LoraLinear.apply(x, base.weight, base.bias, weight_a, weight_b, scale, dtype, cast)
+        return LoraLinear.apply(x, base.weight, base.bias, weight_a, weight_b, scale, dtype, cast, grads_in_place)
     result = base(x)
     if result.dtype not in LOW_PRECISION:
         return type(self).forward(self, x)
-    return LoraUpdate.apply(result, x, weight_a, weight_b, scale, cast if result.dtype == dtype else None)
+    return LoraUpdate.apply(result, x, weight_a, weight_b, scale, cast if result.dtype == dtype else None,
+                            grads_in_place)
 
 
 def _active_weights(layer: torch.nn.Module) -> list[torch.Tensor]:
@@ -226,10 +260,15 @@ def _frozen_plain_linear(module: torch.nn.Module) -> bool:
             and not module._forward_pre_hooks and not any(p.requires_grad for p in module.parameters()))
 
 
-def fuse_lora_layers(models: Iterable[torch.nn.Module | None], fold_base: bool = True) -> Callable[[], None]:
+def fuse_lora_layers(models: Iterable[torch.nn.Module | None], fold_base: bool = True,
+                     grads_in_place: bool = False) -> Callable[[], None]:
     """From now on, every plain peft LoRA Linear layer of `models` computes through :class:`LoraLinear` (with
     `fold_base`, where its base is a frozen `torch.nn.Linear`) or :class:`LoraUpdate` whenever it runs under
     autocast; returns a function that gives the layers peft's forward back.
+
+    With `grads_in_place`, a weight gradient is added by its matmul into the weight's existing fp32 `.grad` (the
+    static buffers of a CUDA-graphed step) instead of being handed to autograd to accumulate. Only for a step that
+    no gradient hook needs to see, such as DDP's: the recipe turns it on with the graph, which runs without DDP.
 
     Installed for the whole run, not per forward: a checkpointed block recomputes its forward during the backward
     pass, which must save the same tensors as the first time.
@@ -242,7 +281,7 @@ def fuse_lora_layers(models: Iterable[torch.nn.Module | None], fold_base: bool =
     for index, layer in enumerate(layers):
         slot = 2 * index if len(_active_weights(layer)) == 2 else -1
         forward = functools.partial(_fused_forward, fold_base=fold_base, casts=casts if slot >= 0 else None,
-                                    slot=max(slot, 0))
+                                    slot=max(slot, 0), grads_in_place=grads_in_place)
         layer.forward = types.MethodType(forward, layer)
     for model in models:
         setattr(model, _CASTS, casts)

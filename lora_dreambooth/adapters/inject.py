@@ -24,7 +24,8 @@ class InjectedAdapters:
 
 def inject_adapters(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, variant: AdapterVariant, *,
                     rank: int, alpha: float, unet_targets: tuple[str, ...], text_encoder_targets: tuple[str, ...],
-                    init: str = "gaussian", fused: bool = False, fold_base: bool = True) -> InjectedAdapters:
+                    init: str = "gaussian", fused: bool = False, fold_base: bool = True,
+                    grads_in_place: bool = False) -> InjectedAdapters:
     """Add a fresh adapter to `unet` (and `text_encoder` when given) and make only its weights trainable, in fp32.
 
     With `fused`, plain LoRA linear layers compute their update as one autograd node under autocast
@@ -51,7 +52,7 @@ def inject_adapters(unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
             if param.requires_grad:
                 param.data = param.data.float()
     if fused:
-        fuse_lora_layers([unet, text_encoder], fold_base=fold_base)
+        fuse_lora_layers([unet, text_encoder], fold_base=fold_base, grads_in_place=grads_in_place)
     return InjectedAdapters(variant, unet, text_encoder, unet_config, te_config)
 
 

@@ -316,6 +316,8 @@ class ExecutionPlan:
     channels_last: bool = False  # the frozen bf16 UNet's convolutions in NHWC (fast profile on CUDA)
     fused_adapters: bool = True  # plain LoRA layers: one autograd node each under autocast (adapters/fused_lora.py)
     fused_base_linear: bool = True  # with fused_adapters: a frozen torch Linear base computed in that node too
+    # with fused_adapters: weight gradients added by their matmuls into the graph's static buffers (no DDP hooks)
+    adapter_grads_in_place: bool = False
     # with channels_last: GroupNorm in NHWC too (kernels/group_norm.py); only under a graph, which replays its
     # Triton launches without their host cost
     channels_last_norms: bool = False
@@ -413,7 +415,8 @@ def choose_plan(cfg: TrainConfig, *, device: torch.device, num_processes: int, u
         return ExecutionPlan(profile, cuda_graph=graph, quantize="nf4" if quantized else None,
                              gradient_checkpointing=checkpointing, compile=cfg.compile and profile != "plain",
                              channels_last=profile == "fast" and device.type == "cuda", predicted_bytes=peak,
-                             channels_last_norms=graph, fused_geglu=graph, reasons=tuple(reasons),
+                             channels_last_norms=graph, fused_geglu=graph, adapter_grads_in_place=graph,
+                             reasons=tuple(reasons),
                              top_attention="cudnn" if profile != "plain" and device.type == "cuda" else "flash")
 
     graph_notes = [f"no CUDA graph: {', '.join(blockers)}"] if blockers else graph_paths(cfg, num_processes)
