@@ -87,6 +87,7 @@ PLAN_PROBES = {"peft": {"fused_adapters": False},  # peft's own LoRA forward, no
                # weight gradients returned to autograd, which adds them into the static buffers
                "grads-returned": {"adapter_grads_in_place": False},
                "torch-gn": {"channels_last_norms": False},  # torch's NCHW GroupNorm, not the NHWC kernel
+               "apart-silu": {"resnet_norms_with_silu": False},  # resnet blocks' SiLU after the NHWC norm, apart
                # diffusers' transformer-block output: tokens made NCHW-contiguous before proj_out
                "diffusers-layout": {"channels_last_outputs": False},
                # the full-resolution self-attention on flash attention (torch's choice), not cuDNN's kernel

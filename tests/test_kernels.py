@@ -14,6 +14,7 @@ from lora_dreambooth.kernels.geglu import geglu, use_fused_geglu
 from lora_dreambooth.kernels.geglu import trial_failure as geglu_trial_failure
 from lora_dreambooth.kernels.group_norm import group_norm_nhwc, supports, trial_failure, use_channels_last_group_norm
 from lora_dreambooth.kernels.layouts import keep_transformer_outputs_channels_last
+from lora_dreambooth.kernels.resnet import fuse_resnet_norm_activations
 from lora_dreambooth.tiny import build_tiny_pipeline
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel is written in Triton for CUDA")
@@ -219,3 +220,40 @@ def test_the_geglu_kernels_match_diffusers_maths_within_rounding(shape, dtype):
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.02, rtol=0.02)
     assert torch.allclose(out_fused, out_ref, **tol)
     assert torch.allclose(grad_fused, grad_ref, **tol)
+
+
+# -- ResnetBlock2D with its norms and SiLU fused (kernels/resnet.py) ---------------------------------------------------
+def _resnet_unets(device: str, seed: int = 5):
+    """Two identical tiny bf16 channels-last UNets, the second with fused resnet blocks (and NHWC norms)."""
+    unets = [build_tiny_pipeline(seed=seed).unet.to(device, torch.bfloat16).to(memory_format=torch.channels_last)
+             .requires_grad_(False) for _ in range(2)]
+    use_channels_last_group_norm(unets[1])
+    return unets, fuse_resnet_norm_activations(unets[1])
+
+
+def _unet_step(unet, device: str):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, device=device).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    text = torch.randn(2, 77, 32, device=device).to(torch.bfloat16)
+    out = unet(x, torch.tensor([10, 500], device=device), encoder_hidden_states=text).sample
+    out.float().square().mean().backward()
+    return out.detach().float(), x.grad.float()
+
+
+def test_resnet_blocks_are_fused_and_on_a_cpu_compute_exactly_as_before():
+    (plain, fused), changed = _resnet_unets("cpu")
+    assert changed == sum(type(m).__name__ == "ResnetBlock2D" for m in fused.modules()) > 0
+    assert fuse_resnet_norm_activations(build_tiny_pipeline(seed=5).unet) == 0  # fp32 norms: left alone
+    (out_plain, grad_plain), (out_fused, grad_fused) = _unet_step(plain, "cpu"), _unet_step(fused, "cpu")
+    assert torch.equal(out_plain, out_fused) and torch.equal(grad_plain, grad_fused)  # torch's norm and SiLU here
+
+
+@CUDA
+def test_on_a_gpu_fused_resnet_blocks_train_like_diffusers_blocks():
+    (plain, fused), changed = _resnet_unets("cuda")
+    assert changed > 0
+    (out_plain, grad_plain), (out_fused, grad_fused) = _unet_step(plain, "cuda"), _unet_step(fused, "cuda")
+    assert not torch.equal(out_plain, out_fused)  # the kernel ran (rounded once, not after the norm and the SiLU)
+    assert (out_fused - out_plain).norm() <= 2e-2 * out_plain.norm()
+    assert (grad_fused - grad_plain).norm() <= 3e-2 * grad_plain.norm()

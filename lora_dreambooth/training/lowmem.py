@@ -27,6 +27,7 @@ from lora_dreambooth.kernels.attention import route_attention
 from lora_dreambooth.kernels.geglu import use_fused_geglu
 from lora_dreambooth.kernels.group_norm import use_channels_last_group_norm
 from lora_dreambooth.kernels.layouts import keep_transformer_outputs_channels_last
+from lora_dreambooth.kernels.resnet import fuse_resnet_norm_activations
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +322,8 @@ class ExecutionPlan:
     # with channels_last: GroupNorm in NHWC too (kernels/group_norm.py); only under a graph, which replays its
     # Triton launches without their host cost
     channels_last_norms: bool = False
+    # with channels_last_norms: each ResnetBlock2D norm and its SiLU as one kernel, no division by a scale of 1
+    resnet_norms_with_silu: bool = True
     # GEGLU's gate as one Triton kernel each way (kernels/geglu.py); under a graph only, as the norms
     fused_geglu: bool = False
     # with channels_last: the transformer blocks hand NHWC tokens to their 1x1 proj_out (kernels/layouts.py)
@@ -482,7 +485,8 @@ def place_frozen_models(unet: nn.Module, text_encoder: nn.Module | None, plan: E
     asks for (BENCHMARKS.md has each one's measurements):
     - NHWC convolutions (~8% on an H100), with the transformer blocks' outputs kept NHWC
       (`keep_transformer_outputs_channels_last`) and, under a graph, GroupNorm in NHWC (`use_channels_last_group_norm`,
-      +15% on an H200): no layout copies between the blocks;
+      +15% on an H200): no layout copies between the blocks; the resnet blocks' norms then apply their SiLU
+      (`fuse_resnet_norm_activations`);
     - under a graph, GEGLU's gate in one kernel each way (`use_fused_geglu`);
     - on a GPU, cuDNN's attention for the full-resolution self-attention (`route_attention`, +7% on an H100).
     """
@@ -499,6 +503,8 @@ def place_frozen_models(unet: nn.Module, text_encoder: nn.Module | None, plan: E
             keep_transformer_outputs_channels_last(unet)
         if plan.channels_last_norms:
             use_channels_last_group_norm(unet)
+            if plan.resnet_norms_with_silu:
+                fuse_resnet_norm_activations(unet)
     if plan.fused_geglu:
         use_fused_geglu(unet, dtype)
     route_attention(unet, plan.top_attention, levels=plan.top_attention_levels, cross=plan.top_attention_cross)
