@@ -85,7 +85,7 @@ class DreamBoothRecipe:
         self.subjects = resolve_subjects(self.cfg)
         self.instance = load_subject_examples(self.cfg, self.subjects)
         resolve_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle)
-        self.accelerator = self._make_accelerator()
+        self.accelerator = make_accelerator(self.cfg, self.out)
         self.device = self.accelerator.device
         log.info("process %d/%d on %s", self.accelerator.process_index, self.accelerator.num_processes, self.device)
         self.weight_dtype = WEIGHT_DTYPES[self.cfg.mixed_precision]
@@ -105,9 +105,6 @@ class DreamBoothRecipe:
         self.clock.run("adapters + optimizer", self._inject_adapters, self._prepare_optimization, self._maybe_resume,
                        self._prepare_step_runner)
 
-    def _make_accelerator(self):
-        return make_accelerator(self.cfg, self.out)
-
     def _choose_plan(self):
         return plan_before_loading(self.cfg, resolve_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle),
                                    device=self.device, num_processes=self.accelerator.num_processes)
@@ -121,7 +118,10 @@ class DreamBoothRecipe:
         apply_prediction_type(self.base.noise_scheduler, self.cfg.prediction_type)
 
     def _prepare_class_images(self) -> list:
-        """Class images of every class prompt (subjects of one class share them), generated where missing."""
+        """Class images of every class prompt (subjects of one class share them), generated where missing, by a
+        UNet on the device already placed as the loop runs it (NHWC, its kernels)."""
+        if self.device.type == "cuda" and not self.plan.quantize:  # an NF4 base is quantized after generating
+            place_frozen_models(self.base.unet, None, self.plan, device=self.device, dtype=self.weight_dtype)
         examples = []
         for prompt, class_dir, count in class_image_sets(self.subjects, self.cfg.num_class_images):
             cfg = self.cfg.replace(num_class_images=count)
