@@ -193,8 +193,20 @@ class AdapterCasts:
     def __init__(self, weights: list[torch.Tensor]):
         self.weights = weights
         self.copies: dict[torch.dtype, list[torch.Tensor]] = {}
+        self.destinations: dict[tuple[torch.dtype, int], torch.Tensor] = {}
         self.armed = False
         self.current: torch.dtype | None = None
+
+    def slot_of(self, weight: torch.Tensor) -> int:
+        """Where `weight` is listed (-1: not at all)."""
+        return next((i for i, w in enumerate(self.weights) if w is weight), -1)
+
+    def bind(self, slot: int, dtype: torch.dtype, destination: torch.Tensor) -> None:
+        """Make the `dtype` copy of the weight at `slot` land in `destination` (a dense tensor of its shape, e.g.
+        rows of a stacked weight), so that a layer reading it there needs no copy of its own."""
+        self.destinations[(dtype, slot)] = destination
+        if dtype in self.copies:
+            self.copies[dtype][slot] = destination
 
     def cast(self, slot: int, weight_a: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The copies of the weights at `slot` (A) and `slot + 1` (B) in `dtype`, made now if not yet in this
@@ -204,12 +216,16 @@ class AdapterCasts:
         if self.current != dtype:
             copies = self.copies.get(dtype)
             if copies is None:
-                copies = self.copies[dtype] = [torch.empty_like(w, dtype=dtype) for w in self.weights]
+                copies = self.copies[dtype] = [self._destination(slot, dtype) for slot in range(len(self.weights))]
             with torch.no_grad():
                 torch._foreach_copy_(copies, self.weights)
             self.current = dtype
         copies = self.copies[dtype]
         return copies[slot], copies[slot + 1]
+
+    def _destination(self, slot: int, dtype: torch.dtype) -> torch.Tensor:
+        bound = self.destinations.get((dtype, slot))
+        return torch.empty_like(self.weights[slot], dtype=dtype) if bound is None else bound
 
 
 @contextlib.contextmanager
@@ -230,12 +246,10 @@ def _fused_forward(self, x: torch.Tensor, *args, fold_base: bool = True, casts: 
                    slot: int = 0, grads_in_place: bool = False, **kwargs) -> torch.Tensor:
     """peft's `Linear.forward` for one active plain adapter under autocast, as a :class:`LoraLinear` (with
     `fold_base`, where the base is a frozen `torch.nn.Linear`) or a :class:`LoraUpdate` after the base layer."""
-    active = self.active_adapters
     device_type = x.device.type
-    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or active[0] not in self.lora_A
-            or not torch.is_autocast_enabled(device_type)):
+    name = None if args or kwargs else fusable_adapter(self, device_type)
+    if name is None:
         return type(self).forward(self, x, *args, **kwargs)
-    name = active[0]
     base, dtype = self.base_layer, torch.get_autocast_dtype(device_type)
     weight_a, weight_b, scale = self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name])
     cast = casts.cast(slot, weight_a, dtype) if casts is not None and dtype in LOW_PRECISION else None
@@ -246,6 +260,16 @@ def _fused_forward(self, x: torch.Tensor, *args, fold_base: bool = True, casts: 
         return type(self).forward(self, x)
     return LoraUpdate.apply(result, x, weight_a, weight_b, scale, cast if result.dtype == dtype else None,
                             grads_in_place)
+
+
+def fusable_adapter(layer: torch.nn.Module, device_type: str) -> str | None:
+    """The name of `layer`'s one active adapter if the fused nodes can compute it now (not merged, not disabled,
+    under autocast on `device_type`), else None: peft's own forward runs."""
+    active = layer.active_adapters
+    if (layer.disable_adapters or layer.merged or len(active) != 1 or active[0] not in layer.lora_A
+            or not torch.is_autocast_enabled(device_type)):
+        return None
+    return active[0]
 
 
 def _active_weights(layer: torch.nn.Module) -> list[torch.Tensor]:
