@@ -168,7 +168,7 @@ class DreamBoothRecipe:
                                         rank=cfg.rank, alpha=cfg.alpha, unet_targets=cfg.unet_target_modules,
                                         text_encoder_targets=cfg.text_encoder_target_modules, init=cfg.init,
                                         fused=plan.fused_adapters, fold_base=plan.fused_base_linear,
-                                        grads_in_place=plan.adapter_grads_in_place)
+                                        grads_in_place=plan.adapter_grads_in_place, fused_qkv=plan.fused_qkv)
         if self.identifier is not None:  # after injection: peft freezes every parameter it did not add
             self.trained_row = attach_trained_row(self.base.tokenizer, text_encoder, self.identifier,
                                                   cfg.effective_init_token)
