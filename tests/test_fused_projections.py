@@ -261,3 +261,37 @@ def test_inject_adapters_stacks_the_projections_where_asked(fused_qkv, fold_base
                     text_encoder_targets=(), fused=True, fold_base=fold_base, fused_qkv=fused_qkv)
     processors = [type(m.processor).__name__ for m in unet.modules() if hasattr(m, "processor")]
     assert processors.count("FusedProjectionsProcessor") == expected
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("into_grad", [False, True])
+def test_the_node_computes_three_lora_linears_at_sd_s_widths(device, into_grad):
+    """StackedLoraLinears alone against three LoraLinear nodes (on CUDA: fp32 weight gradients from bf16 matmuls)."""
+    from lora_dreambooth.adapters.fused_lora import LoraLinear
+    from lora_dreambooth.adapters.fused_projections import StackedProjections
+
+    width, rank, count, scale, dtype = 320, 4, 3, 2.0, torch.bfloat16
+    torch.manual_seed(0)
+    weights = [(torch.randn(width, width, device=device) / width ** 0.5).to(dtype) for _ in range(count)]
+    masters = [(torch.randn(rank, width, device=device) / width ** 0.5).requires_grad_(True) for _ in range(count)]
+    masters += [(torch.randn(width, rank, device=device) * 0.1).requires_grad_(True) for _ in range(count)]
+    stacked = torch.zeros(-(-count * (width + rank) // 8) * 8, width, device=device, dtype=dtype)
+    stacked[:count * width] = torch.cat(weights)
+    b = torch.zeros(count, width, rank, device=device, dtype=dtype)
+    layout = StackedProjections([None] * count, "default", stacked, b, tuple(masters), None, [], [])
+    x = torch.randn(2, 256, width, device=device).to(dtype)
+    upstream = [torch.randn(2, 256, width, device=device).to(dtype) for _ in range(count)]
+    results = []
+    for stacked_node in (True, False):
+        for master in masters:
+            master.grad = torch.zeros_like(master) if into_grad else None
+        inputs = x.clone().requires_grad_(True)
+        with torch.autocast(device, dtype=dtype):
+            outs = StackedLoraLinears.apply(inputs, layout, scale, False, into_grad, *masters) if stacked_node else [
+                LoraLinear.apply(inputs, weights[i], None, masters[i], masters[count + i], scale, dtype, None,
+                                 into_grad) for i in range(count)]
+        torch.autograd.backward(outs, upstream)
+        results.append(([o.detach().float() for o in outs], inputs.grad.float(), [m.grad for m in masters]))
+    (outs, grad_x, grads), (outs_ref, grad_x_ref, grads_ref) = results
+    assert all(_relative(o, r) < 1e-2 for o, r in zip(outs, outs_ref)) and _relative(grad_x, grad_x_ref) < 1e-2
+    assert all(g.dtype == torch.float32 and _relative(g, r) < 1e-2 for g, r in zip(grads, grads_ref))
