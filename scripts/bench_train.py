@@ -95,8 +95,8 @@ PLAN_PROBES = {"peft": {"fused_adapters": False},  # peft's own LoRA forward, no
                # cuDNN's kernel for the self-attention of the two highest-resolution levels, not only the first
                "cudnn-top2": {"top_attention_levels": 2}, "cudnn-top-cross": {"top_attention_cross": True},
                "torch-geglu": {"fused_geglu": False},  # diffusers' chunk, GELU and product, not the GEGLU kernel
-               # each attention projection its own fused LoRA node, not q, k, v stacked in one (fused_projections.py)
-               "separate-qkv": {"fused_qkv": False}}
+               # an attention layer's q, k, v LoRA projections stacked in one node (fused_projections.py)
+               "stacked-qkv": {"fused_qkv": True}}
 
 
 def plan_probe(base: type, overrides: dict) -> type:

@@ -186,7 +186,7 @@ def test_profiles_resolve_to_plans():
     assert _plan(_r2(profile="fast")).label == "fast (cuda graph, channels-last)"
     assert _plan(_r2(profile="fast")).channels_last_norms  # the NHWC GroupNorm kernel, launched from the graph
     assert _plan(_r2(profile="fast")).fused_geglu  # likewise GEGLU's gate
-    assert _plan(_r2(profile="fast")).fused_qkv and not _plan(_r2(profile="plain")).fused_qkv  # stacked q, k, v
+    assert not _plan(_r2(profile="fast")).fused_qkv  # stacked q, k, v: a probe until a GPU has measured it
     # cuDNN's attention kernels for the full-resolution self-attention, wherever the device is a GPU
     assert [_plan(_r2(profile=p), device=d).top_attention for p, d in (
         ("fast", "cuda"), ("low-memory", "cuda"), ("plain", "cuda"), ("low-memory", "cpu"))] == [

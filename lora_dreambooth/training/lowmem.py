@@ -320,8 +320,8 @@ class ExecutionPlan:
     # with fused_adapters: weight gradients added by their matmuls into the graph's static buffers (no DDP hooks)
     adapter_grads_in_place: bool = False
     # with fused_adapters and fused_base_linear: an attention layer's q, k, v (cross-attention: k, v) LoRA
-    # projections as one node, two matmuls forward (adapters/fused_projections.py); under a graph only, which
-    # replays its per-layer host checks for free
+    # projections as one node, two matmuls forward (adapters/fused_projections.py); off until a GPU has measured
+    # it (probe stacked-qkv), and then under a graph only, which replays its per-layer host checks for free
     fused_qkv: bool = False
     # with channels_last: GroupNorm in NHWC too (kernels/group_norm.py); only under a graph, which replays its
     # Triton launches without their host cost
@@ -423,7 +423,7 @@ def choose_plan(cfg: TrainConfig, *, device: torch.device, num_processes: int, u
                              gradient_checkpointing=checkpointing, compile=cfg.compile and profile != "plain",
                              channels_last=profile == "fast" and device.type == "cuda", predicted_bytes=peak,
                              channels_last_norms=graph, fused_geglu=graph, adapter_grads_in_place=graph,
-                             fused_qkv=graph, reasons=tuple(reasons),
+                             reasons=tuple(reasons),
                              top_attention="cudnn" if profile != "plain" and device.type == "cuda" else "flash")
 
     graph_notes = [f"no CUDA graph: {', '.join(blockers)}"] if blockers else graph_paths(cfg, num_processes)
