@@ -126,7 +126,7 @@ def nothing_loads(monkeypatch):
 
     monkeypatch.setattr(training, "load_base", tripped)
     monkeypatch.setattr(priors, "generate_class_images", tripped)
-    monkeypatch.setattr(training.DreamBoothRecipe, "_make_accelerator", tripped)
+    monkeypatch.setattr(training, "make_accelerator", tripped)
 
 
 def one_good_photo(folder: Path) -> Path:
