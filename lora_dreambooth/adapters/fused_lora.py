@@ -27,12 +27,12 @@ import torch
 
 from lora_dreambooth.kernels import LOW_PRECISION
 
-_CASTS = "_lora_adapter_casts"  # the attribute under which a fused model keeps its AdapterCasts
+CASTS_ATTRIBUTE = "_lora_adapter_casts"  # the attribute under which a fused model keeps its AdapterCasts
 _OUT_DTYPE_WORKS: dict[str, bool] = {}  # device type -> whether torch.mm(..., out_dtype=) runs there
 _ADD_INTO_WORKS: dict[str, bool] = {}  # device type -> whether torch.addmm(..., out_dtype=, out=) accumulates there
 
 
-def _mm_out(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def mm_out(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`a @ b` as `dtype`: a 16-bit matmul writing fp32 directly where torch can (CUDA), else matmul then cast."""
     if dtype != a.dtype and dtype == torch.float32 and a.dtype in LOW_PRECISION:
         kind = a.device.type
@@ -47,7 +47,7 @@ def _mm_out(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return torch.mm(a, b).to(dtype)
 
 
-def _weight_grad(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float,
+def weight_grad(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float,
                  into_grad: bool) -> torch.Tensor | None:
     """`scale * left @ right`, the gradient of the fp32 master `weight`, from 16-bit factors.
 
@@ -62,7 +62,7 @@ def _weight_grad(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, 
         else:  # the same maths where the fused kernel is missing (CPU): fp32 products of the 16-bit values
             grad.addmm_(left.to(grad.dtype), right.to(grad.dtype), alpha=scale)
         return None
-    result = _mm_out(left, right, weight.dtype)
+    result = mm_out(left, right, weight.dtype)
     if scale != 1.0:
         result.mul_(scale)
     return result
@@ -122,9 +122,9 @@ class LoraUpdate(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_x = torch.mm(gb, a).view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
-            grad_a = _weight_grad(weight_a, gb.t(), x2, 1.0, ctx.into_grad)
+            grad_a = weight_grad(weight_a, gb.t(), x2, 1.0, ctx.into_grad)
         if ctx.needs_input_grad[3]:
-            grad_b = _weight_grad(weight_b, g.t(), xa, scale, ctx.into_grad)
+            grad_b = weight_grad(weight_b, g.t(), xa, scale, ctx.into_grad)
         return grad_out, grad_x, grad_a, grad_b, None, None, None
 
 
@@ -164,13 +164,13 @@ class LoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.addmm(torch.mm(g, w), gb, a, alpha=scale).view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[3]:
-            grad_a = _weight_grad(weight_a, gb.t(), x2, scale, ctx.into_grad)
+            grad_a = weight_grad(weight_a, gb.t(), x2, scale, ctx.into_grad)
         if ctx.needs_input_grad[4]:
-            grad_b = _weight_grad(weight_b, g.t(), xa, scale, ctx.into_grad)
+            grad_b = weight_grad(weight_b, g.t(), xa, scale, ctx.into_grad)
         return grad_x, None, None, grad_a, grad_b, None, None, None, None
 
 
-def _plain_lora_linear(module: torch.nn.Module) -> bool:
+def plain_lora_linear(module: torch.nn.Module) -> bool:
     """A peft LoRA Linear whose adapters are all plain LoRA (no variant, no bias, no dropout)."""
     from peft.tuners.lora.layer import Linear
 
@@ -232,7 +232,7 @@ class AdapterCasts:
 def cast_adapters_once(models: Iterable[torch.nn.Module | None]) -> Iterator[None]:
     """Within: the fused layers of `models` read 16-bit copies of their adapter weights made once, at the first
     layer (:class:`AdapterCasts`). Use around one forward pass, during which the weights do not change."""
-    casts = {id(c): c for m in models if m is not None for c in [getattr(m, _CASTS, None)] if c is not None}
+    casts = {id(c): c for m in models if m is not None for c in [getattr(m, CASTS_ATTRIBUTE, None)] if c is not None}
     for c in casts.values():
         c.armed, c.current = True, None
     try:
@@ -253,7 +253,7 @@ def _fused_forward(self, x: torch.Tensor, *args, fold_base: bool = True, casts: 
     base, dtype = self.base_layer, torch.get_autocast_dtype(device_type)
     weight_a, weight_b, scale = self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name])
     cast = casts.cast(slot, weight_a, dtype) if casts is not None and dtype in LOW_PRECISION else None
-    if fold_base and dtype in LOW_PRECISION and _frozen_plain_linear(base):
+    if fold_base and dtype in LOW_PRECISION and frozen_plain_linear(base):
         return LoraLinear.apply(x, base.weight, base.bias, weight_a, weight_b, scale, dtype, cast, grads_in_place)
     result = base(x)
     if result.dtype not in LOW_PRECISION:
@@ -278,7 +278,7 @@ def _active_weights(layer: torch.nn.Module) -> list[torch.Tensor]:
     return [layer.lora_A[active[0]].weight, layer.lora_B[active[0]].weight] if len(active) == 1 else []
 
 
-def _frozen_plain_linear(module: torch.nn.Module) -> bool:
+def frozen_plain_linear(module: torch.nn.Module) -> bool:
     """A `torch.nn.Linear` itself (not a quantized or patched one) whose parameters are frozen."""
     return (type(module) is torch.nn.Linear and "forward" not in vars(module) and not module._forward_hooks
             and not module._forward_pre_hooks and not any(p.requires_grad for p in module.parameters()))
@@ -299,7 +299,7 @@ def fuse_lora_layers(models: Iterable[torch.nn.Module | None], fold_base: bool =
     """
     models = [m for m in models if m is not None]
     layers = [m for model in models for m in model.modules()
-              if _plain_lora_linear(m) and "forward" not in m.__dict__]  # a layer someone else patched stays as is
+              if plain_lora_linear(m) and "forward" not in m.__dict__]  # a layer someone else patched stays as is
     weights = [w for layer in layers for w in _active_weights(layer)]
     casts = AdapterCasts(weights) if weights else None
     for index, layer in enumerate(layers):
@@ -308,13 +308,13 @@ def fuse_lora_layers(models: Iterable[torch.nn.Module | None], fold_base: bool =
                                     slot=max(slot, 0), grads_in_place=grads_in_place)
         layer.forward = types.MethodType(forward, layer)
     for model in models:
-        setattr(model, _CASTS, casts)
+        setattr(model, CASTS_ATTRIBUTE, casts)
 
     def restore() -> None:
         for layer in layers:
             layer.__dict__.pop("forward", None)
         for model in models:
-            model.__dict__.pop(_CASTS, None)
+            model.__dict__.pop(CASTS_ATTRIBUTE, None)
         layers.clear()
 
     return restore

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lora_dreambooth.adapters.fused_lora import (_CASTS, AdapterCasts, _frozen_plain_linear, _mm_out,
-                                                 _plain_lora_linear, _weight_grad, fusable_adapter)
+from lora_dreambooth.adapters.fused_lora import (CASTS_ATTRIBUTE, AdapterCasts, frozen_plain_linear,
+                                                 fusable_adapter, mm_out, plain_lora_linear, weight_grad)
 from lora_dreambooth.kernels import LOW_PRECISION
 from lora_dreambooth.kernels.attention import preferred_backend_processor
 
@@ -109,7 +109,7 @@ class StackedLoraLinears(torch.autograd.Function):
     Forward: one matmul with the stacked weight, one batched matmul adding the adapter products in place. Backward:
     one concatenation of the k output gradients, one batched matmul (`g_i B_i`), the input's gradient as one matmul
     plus one accumulating matmul, the A gradients as one matmul, the B gradients as one matmul each; fp32 weight
-    gradients added into bound `.grad` buffers with `into_grad` (as `fused_lora._weight_grad`).
+    gradients added into bound `.grad` buffers with `into_grad` (as `fused_lora.weight_grad`).
     """
 
     @staticmethod
@@ -147,7 +147,7 @@ class StackedLoraLinears(torch.autograd.Function):
         masters = layout.masters
         grad_a = _stacked_weight_grads(masters[:count], gb.t(), x2, scale, ctx.into_grad) \
             if any(ctx.needs_input_grad[5:5 + count]) else [None] * count
-        grad_b = [_weight_grad(weight, g[:, i * width:(i + 1) * width].t(), xa[:, i * rank:(i + 1) * rank], scale,
+        grad_b = [weight_grad(weight, g[:, i * width:(i + 1) * width].t(), xa[:, i * rank:(i + 1) * rank], scale,
                                ctx.into_grad) if ctx.needs_input_grad[5 + count + i] else None
                   for i, weight in enumerate(masters[count:])]
         return (grad_x, None, None, None, None, *grad_a, *grad_b)
@@ -162,9 +162,9 @@ def _stacked_weight_grads(weights: tuple[torch.Tensor, ...], left: torch.Tensor,
     buffers = [w.grad if into_grad else None for w in weights]
     if all(b is not None and b.dtype == torch.float32 and b.is_contiguous() and b.shape == w.shape
            for b, w in zip(buffers, weights)):
-        torch._foreach_add_(buffers, list(_mm_out(left, right, torch.float32).split(rank)), alpha=scale)
+        torch._foreach_add_(buffers, list(mm_out(left, right, torch.float32).split(rank)), alpha=scale)
         return [None] * len(weights)
-    result = _mm_out(left, right, weights[0].dtype)
+    result = mm_out(left, right, weights[0].dtype)
     if scale != 1.0:
         result.mul_(scale)
     return list(result.split(rank))
@@ -212,7 +212,7 @@ def _stackable(layer: torch.nn.Module) -> bool:
     """A plain peft LoRA Linear that `fused_lora` computes (its forward patched) over a frozen 16-bit torch Linear
     without bias."""
     base = getattr(layer, "base_layer", None)
-    return (_plain_lora_linear(layer) and "forward" in vars(layer) and base is not None and _frozen_plain_linear(base)
+    return (plain_lora_linear(layer) and "forward" in vars(layer) and base is not None and frozen_plain_linear(base)
             and base.bias is None and base.weight.dtype in LOW_PRECISION)
 
 
@@ -226,7 +226,7 @@ def fuse_attention_projections(model: torch.nn.Module, grads_in_place: bool = Fa
     """
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-    casts = getattr(model, _CASTS, None)
+    casts = getattr(model, CASTS_ATTRIBUTE, None)
     changed = 0
     for attn in (m for m in model.modules() if isinstance(m, Attention)):
         processor = getattr(attn, "processor", None)
