@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 _SIZES = ["TOTAL", "F"]  # runtime sizes, not specialized on: one compiled variant per dtype
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # a jitted function reads only constexpr globals
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
