@@ -95,8 +95,10 @@ PLAN_PROBES = {"peft": {"fused_adapters": False},  # peft's own LoRA forward, no
                # cuDNN's kernel for the self-attention of the two highest-resolution levels, not only the first
                "cudnn-top2": {"top_attention_levels": 2}, "cudnn-top-cross": {"top_attention_cross": True},
                "torch-geglu": {"fused_geglu": False},  # diffusers' chunk, GELU and product, not the GEGLU kernel
-               # an attention layer's q, k, v LoRA projections stacked in one node (fused_projections.py)
-               "stacked-qkv": {"fused_qkv": True}}
+               # each attention layer's q, k, v LoRA projections as separate fused layers, not stacked in one node
+               # (fused_projections.py): in the UNet and the text encoder, or in the text encoder only
+               "separate-qkv": {"fused_qkv": False, "fused_text_qkv": False},
+               "separate-text-qkv": {"fused_text_qkv": False}}
 
 
 def plan_probe(base: type, overrides: dict) -> type:

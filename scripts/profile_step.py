@@ -72,8 +72,8 @@ def profile_one_step(base: str, work: Path, variant: str, ops: int = 0) -> list[
     with torch.profiler.profile(activities=activities, record_shapes=bool(ops)) as prof:
         step(*inputs(3))
         torch.cuda.synchronize()
-    kernels = [(e.name, e.device_time_total / 1000) for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [(e.name, e.device_time_total / 1000) for e in prof.events()  # not the ranges of record_function
+               if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     if ops:
         print(f"  {variant}: the {ops} operators (by input shapes) with the most GPU time of their own:")
         rows = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0]

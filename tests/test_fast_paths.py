@@ -186,7 +186,7 @@ def test_profiles_resolve_to_plans():
     assert _plan(_r2(profile="fast")).label == "fast (cuda graph, channels-last)"
     assert _plan(_r2(profile="fast")).channels_last_norms  # the NHWC GroupNorm kernel, launched from the graph
     assert _plan(_r2(profile="fast")).fused_geglu  # likewise GEGLU's gate
-    assert not _plan(_r2(profile="fast")).fused_qkv  # stacked q, k, v: a probe until a GPU has measured it
+    assert _plan(_r2(profile="fast")).fused_qkv and _plan(_r2(profile="fast")).fused_text_qkv  # stacked q, k, v
     # cuDNN's attention kernels for the full-resolution self-attention, wherever the device is a GPU
     assert [_plan(_r2(profile=p), device=d).top_attention for p, d in (
         ("fast", "cuda"), ("low-memory", "cuda"), ("plain", "cuda"), ("low-memory", "cpu"))] == [
@@ -206,7 +206,7 @@ def test_what_a_cuda_graph_cannot_run_is_named(blocking, reason):
     plan = _plan(_r2(profile="fast", **blocking))
     assert not plan.cuda_graph and reason in plan.describe()
     assert plan.channels_last and not plan.channels_last_norms  # eagerly, Triton's launches would cost host time
-    assert not plan.fused_geglu and not plan.fused_qkv
+    assert not plan.fused_geglu and not plan.fused_qkv and not plan.fused_text_qkv
 
 
 def test_max_vram_picks_the_fastest_plan_predicted_to_fit():

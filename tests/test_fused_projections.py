@@ -2,6 +2,8 @@
 states) as one autograd node, on a real tiny diffusers UNet with real peft adapters."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from peft import LoraConfig
@@ -9,7 +11,8 @@ from peft.utils import get_peft_model_state_dict
 
 from lora_dreambooth.adapters import get_variant, inject_adapters
 from lora_dreambooth.adapters.fused_lora import fuse_lora_layers
-from lora_dreambooth.adapters.fused_projections import StackedLoraLinears, fuse_attention_projections
+from lora_dreambooth.adapters.fused_projections import (StackedLoraLinears, fuse_attention_projections,
+                                                         fuse_text_projections)
 from lora_dreambooth.adapters.precision import adapters_compute_in_autocast
 from lora_dreambooth.kernels.attention import route_attention
 from lora_dreambooth.tiny import build_tiny_pipeline
@@ -295,3 +298,87 @@ def test_the_node_computes_three_lora_linears_at_sd_s_widths(device, into_grad):
     (outs, grad_x, grads), (outs_ref, grad_x_ref, grads_ref) = results
     assert all(_relative(o, r) < 1e-2 for o, r in zip(outs, outs_ref)) and _relative(grad_x, grad_x_ref) < 1e-2
     assert all(g.dtype == torch.float32 and _relative(g, r) < 1e-2 for g, r in zip(grads, grads_ref))
+
+
+TEXT_LAYERS = 5  # the tiny CLIP text encoder's attention layers
+
+
+def _text_encoder(stacked: bool, grads_in_place: bool = False) -> tuple[torch.nn.Module, int]:
+    """The tiny CLIP text encoder as the recipe trains it (frozen bf16 base with biases, fp32 adapters with a
+    non-zero B on q, k, v, out), its q, k, v stacked or not."""
+    text_encoder = build_tiny_pipeline(seed=7).text_encoder.to(torch.bfloat16).requires_grad_(False)
+    torch.manual_seed(1)
+    text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                        target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+    for param in text_encoder.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    fuse_lora_layers([text_encoder], grads_in_place=grads_in_place)
+    return text_encoder, fuse_text_projections(text_encoder, grads_in_place) if stacked else 0
+
+
+def _text_step(text_encoder):
+    """Hidden states and adapter gradients of one forward and backward over two prompts' token ids."""
+    torch.manual_seed(3)
+    ids = torch.randint(0, 500, (2, 77))
+    with torch.autocast("cpu", dtype=torch.bfloat16), adapters_compute_in_autocast([text_encoder]):
+        hidden = text_encoder(ids)[0]
+    hidden.float().square().mean().backward()
+    return hidden.detach().float(), {n: p.grad for n, p in text_encoder.named_parameters() if p.requires_grad}
+
+
+def test_every_text_attention_layer_stacks_q_k_v_with_their_biases():
+    text_encoder, changed = _text_encoder(stacked=True)
+    assert changed == TEXT_LAYERS and fuse_text_projections(text_encoder) == 0  # installed once
+    attn = text_encoder.encoder.layers[0].self_attn
+    stacked = attn.q_proj.forward.func.__self__.layout  # the group the three layers share
+    assert stacked.bias is not None and attn.v_proj.base_layer.bias.data_ptr() == stacked.bias[64:].data_ptr()
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16), adapters_compute_in_autocast([text_encoder]):
+        hidden = text_encoder(torch.randint(0, 500, (2, 77)))[0]
+    counts = _nodes(hidden)
+    assert counts.get(STACKED) == TEXT_LAYERS and counts.get("LoraLinearBackward") == TEXT_LAYERS  # out_proj
+
+
+@pytest.mark.parametrize("grads_in_place", [False, True])
+def test_stacked_text_projections_train_like_the_separate_fused_layers(grads_in_place):
+    results = []
+    for stacked in (True, False):
+        text_encoder, _ = _text_encoder(stacked, grads_in_place)
+        if grads_in_place:  # bound fp32 buffers, as the CUDA graph's static gradients are
+            for param in text_encoder.parameters():
+                if param.requires_grad:
+                    param.grad = torch.zeros_like(param)
+        results.append(_text_step(text_encoder))
+    (hidden, grads), (hidden_ref, grads_ref) = results
+    assert torch.equal(hidden, hidden_ref)  # the same roundings forward, the biases added by the same matmul
+    assert grads.keys() == grads_ref.keys() and len(grads) == TEXT_LAYERS * 8
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32 and grad.any() and _relative(grad, grads_ref[name]) < 2e-2, name
+
+
+def test_each_text_projection_gets_its_own_output_in_any_order_and_for_new_inputs():
+    text_encoder, _ = _text_encoder(stacked=True)
+    plain, _ = _text_encoder(stacked=False)
+    attn, attn_ref = text_encoder.encoder.layers[1].self_attn, plain.encoder.layers[1].self_attn
+    torch.manual_seed(4)
+    first, second = (torch.randn(2, 77, 32).to(torch.bfloat16) for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16), adapters_compute_in_autocast([text_encoder, plain]):
+        calls = [("v_proj", first), ("q_proj", first), ("k_proj", second), ("k_proj", first), ("q_proj", second)]
+        for name, x in calls:
+            assert torch.equal(getattr(attn, name)(x), getattr(attn_ref, name)(x)), name
+        attn.q_proj(first)
+        first.add_(1.0)  # changed in place after its projections: the pending ones are not handed out again
+        assert torch.equal(attn.v_proj(first), attn_ref.v_proj(first))
+
+
+def test_inject_adapters_stacks_the_text_projections_where_asked():
+    for fused_text_qkv, expected in ((True, TEXT_LAYERS), (False, 0)):
+        pipe = build_tiny_pipeline(seed=7)
+        unet, text_encoder = (m.to(torch.bfloat16).requires_grad_(False) for m in (pipe.unet, pipe.text_encoder))
+        inject_adapters(unet, text_encoder, get_variant("lora"), rank=4, alpha=4, unet_targets=tuple(TARGETS),
+                        text_encoder_targets=("q_proj", "k_proj", "v_proj", "out_proj"), fused=True,
+                        fused_text_qkv=fused_text_qkv)
+        groups = {id(layer.forward.func.__self__) for layer in text_encoder.modules()
+                  if isinstance(getattr(layer, "forward", None), functools.partial)}
+        assert len(groups) == expected

@@ -14,6 +14,9 @@ outside `cast_adapters_once`).
 projections are plain fused LoRA layers in their plain state (one active adapter, not merged, not disabled, under
 autocast in the base weights' dtype); otherwise diffusers' path runs. It keeps a backend order that
 `kernels.attention.route_attention` gave the layer, and route_attention keeps the processor.
+:func:`fuse_text_projections` does the same for a trained CLIP text encoder's q, k, v projections (with their
+biases), which its attention calls one after the other on one input: at 154 tokens their small matmuls cost more in
+launches than in work.
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ CROSS_PROJECTIONS = ("to_k", "to_v")  # they share the text states; to_q project
 @dataclass(eq=False)
 class StackedProjections:
     """k LoRA linears of one input as one stacked weight: rows [W_1; ..; W_k] (the frozen base weights, whose
-    layers now hold views of them), [A_1; ..; A_k] (refreshed each forward), zero padding; `b` stacks B_i (k, C, r)."""
+    layers now hold views of them), [A_1; ..; A_k] (refreshed each forward), zero padding; `b` stacks B_i (k, C, r);
+    `bias`, where the base layers have one, [b_1; ..; b_k] then zeros, the base biases views of it too."""
 
     layers: list[torch.nn.Module]
     name: str  # the adapter
@@ -46,7 +50,8 @@ class StackedProjections:
     masters: tuple[torch.Tensor, ...]  # A_1..A_k, B_1..B_k: the fp32 parameters
     casts: AdapterCasts | None
     slots: list[int]  # each layer's A slot in `casts`
-    base_pointers: list[int]  # where each layer's base weight lies in `stacked`
+    base_pointers: list[int]  # where each layer's base weight (then bias) lies in `stacked` (`bias`)
+    bias: torch.Tensor | None = None
     copies: list[torch.Tensor] = field(init=False)  # where the masters' 16-bit values go: the A rows, the B
 
     def __post_init__(self):
@@ -78,7 +83,7 @@ class StackedProjections:
             if ("forward" not in vars(layer) or fusable_adapter(layer, device_type) != self.name
                     or layer.lora_A[self.name].weight is not self.masters[index]
                     or layer.lora_B[self.name].weight is not self.masters[self.count + index]
-                    or layer.base_layer.weight.data_ptr() != self.base_pointers[index]):
+                    or _base_pointers(layer.base_layer) != self.base_pointers[index]):
                 return None  # changed since install: another adapter, peft's forward back, weights moved or recast
             scales.add(float(layer.scaling[self.name]))
         return scales.pop() if len(scales) == 1 else None
@@ -120,7 +125,9 @@ class StackedLoraLinears(torch.autograd.Function):
             if not fresh:  # outside cast_adapters_once (a checkpointed recomputation, validation)
                 torch._foreach_copy_(layout.copies, list(masters))
             x2 = x.reshape(-1, x.shape[-1]).to(layout.stacked.dtype)
-            y = torch.mm(x2, layout.stacked.t())  # (N, rows): every base output, then every x A_i^T
+            y = torch.mm(x2, layout.stacked.t()) if layout.bias is None else torch.addmm(layout.bias, x2,
+                                                                                          layout.stacked.t())
+            # y (N, rows): every base output, then every x A_i^T
             outputs = y[:, :count * width]
             xa = y[:, count * width:count * (width + rank)]
             outputs.view(-1, count, width).transpose(0, 1).baddbmm_(
@@ -171,29 +178,43 @@ def _stacked_weight_grads(weights: tuple[torch.Tensor, ...], left: torch.Tensor,
 
 
 def _stack(layers: list[torch.nn.Module], casts: AdapterCasts | None) -> StackedProjections | None:
-    """The stacked weight of `layers` (plain fused LoRA layers of one active adapter over frozen 16-bit torch Linears
-    without bias, of equal shapes and ranks), their base weights turned into views of it; None where they are not."""
+    """The stacked weight of `layers` (plain fused LoRA layers of one active adapter over frozen 16-bit torch Linears,
+    all with a bias or none, of equal shapes and ranks), their base weights and biases turned into views of it; None
+    where they are not."""
     names = {tuple(layer.active_adapters) for layer in layers}
     if len(names) != 1 or len(next(iter(names))) != 1 or not all(_stackable(layer) for layer in layers):
         return None
     name = next(iter(names))[0]
     bases = [layer.base_layer.weight for layer in layers]
+    biases = [layer.base_layer.bias for layer in layers]
     masters = tuple(layer.lora_A[name].weight for layer in layers) + tuple(layer.lora_B[name].weight
                                                                             for layer in layers)
-    if len({(w.shape, w.dtype, w.device) for w in bases}) != 1 or len({a.shape for a in masters[:len(layers)]}) != 1:
+    if (len({(w.shape, w.dtype, w.device) for w in bases}) != 1 or len({a.shape for a in masters[:len(layers)]}) != 1
+            or len({b is None for b in biases}) != 1):
         return None
     (width, features), rank = bases[0].shape, masters[0].shape[0]
-    rows = len(layers) * (width + rank)
-    stacked = bases[0].new_zeros(-(-rows // ROW_MULTIPLE) * ROW_MULTIPLE, features)
-    for index, weight in enumerate(bases):
-        view = stacked[index * width:(index + 1) * width]
-        view.copy_(weight.detach())
-        weight.data = view
+    rows = -(-len(layers) * (width + rank) // ROW_MULTIPLE) * ROW_MULTIPLE
+    stacked = bases[0].new_zeros(rows, features)
+    stacked_bias = None if biases[0] is None else bases[0].new_zeros(rows)
+    for index, layer in enumerate(layers):
+        _view_into(layer.base_layer.weight, stacked[index * width:(index + 1) * width])
+        if stacked_bias is not None:
+            _view_into(layer.base_layer.bias, stacked_bias[index * width:(index + 1) * width])
     layout = StackedProjections(layers, name, stacked, bases[0].new_zeros(len(layers), width, rank), masters, None,
-                                [], [weight.data_ptr() for weight in bases])
+                                [], [_base_pointers(layer.base_layer) for layer in layers], stacked_bias)
     if casts is not None:
         _bind(layout, casts)
     return layout
+
+
+def _view_into(param: torch.Tensor, view: torch.Tensor) -> None:
+    """Copy the frozen `param` into `view` and make it hold that view from now on (no second copy)."""
+    view.copy_(param.detach())
+    param.data = view
+
+
+def _base_pointers(base: torch.nn.Module) -> tuple[int, int]:
+    return base.weight.data_ptr(), 0 if base.bias is None else base.bias.data_ptr()
 
 
 def _bind(layout: StackedProjections, casts: AdapterCasts) -> None:
@@ -210,10 +231,10 @@ def _bind(layout: StackedProjections, casts: AdapterCasts) -> None:
 
 def _stackable(layer: torch.nn.Module) -> bool:
     """A plain peft LoRA Linear that `fused_lora` computes (its forward patched) over a frozen 16-bit torch Linear
-    without bias."""
+    (with a bias in the weight's dtype, or none)."""
     base = getattr(layer, "base_layer", None)
     return (plain_lora_linear(layer) and "forward" in vars(layer) and base is not None and frozen_plain_linear(base)
-            and base.bias is None and base.weight.dtype in LOW_PRECISION)
+            and base.weight.dtype in LOW_PRECISION and (base.bias is None or base.bias.dtype == base.weight.dtype))
 
 
 def fuse_attention_projections(model: torch.nn.Module, grads_in_place: bool = False) -> int:
@@ -291,3 +312,58 @@ def _processor_class() -> type:
             return out
 
     return FusedProjectionsProcessor
+
+
+TEXT_PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # transformers' CLIP attention: three projections of one input
+
+
+class SharedInput:
+    """The stacked projections of a layer that calls them one by one with the same input (transformers' CLIP
+    attention: `q_proj(x)`, `k_proj(x)`, `v_proj(x)`): the first call computes all of them as one
+    :class:`StackedLoraLinears` node and hands each later call with that very input its output."""
+
+    def __init__(self, layout: StackedProjections, grads_in_place: bool):
+        self.layout, self.grads_in_place = layout, grads_in_place
+        self.input: torch.Tensor | None = None
+        self.version = -1
+        self.pending: dict[int, torch.Tensor] = {}
+
+    def forward(self, index: int, x: torch.Tensor, *args, previous, **kwargs) -> torch.Tensor:
+        """Projection `index` of `x`; `previous` is the layer's own (fused) forward, for what the node cannot run."""
+        if args or kwargs:
+            return previous(x, *args, **kwargs)
+        if index in self.pending and self.input is x and x._version == self.version:
+            output = self.pending.pop(index)
+            if not self.pending:
+                self.input = None
+            return output
+        outputs = self.layout(x, self.grads_in_place)
+        self.pending = {} if outputs is None else {i: o for i, o in enumerate(outputs) if i != index}
+        self.input, self.version = (x, x._version) if self.pending else (None, -1)
+        return previous(x) if outputs is None else outputs[index]
+
+
+def fuse_text_projections(model: torch.nn.Module, grads_in_place: bool = False) -> int:
+    """Stack the q, k, v projections of each attention layer of a transformers text encoder (CLIP's `q_proj`,
+    `k_proj`, `v_proj`, with their biases) whose three are fused plain LoRA layers (run
+    :func:`fused_lora.fuse_lora_layers` first): computed as one node (:class:`SharedInput`) where they can be, each
+    layer's own forward otherwise. Returns how many attention layers changed."""
+    casts = getattr(model, CASTS_ATTRIBUTE, None)
+    changed = 0
+    for attn in list(model.modules()):
+        layers = [getattr(attn, name, None) for name in TEXT_PROJECTIONS]
+        if any(layer is None or _in_group(layer) for layer in layers):
+            continue
+        layout = _stack(layers, casts)
+        if layout is None:
+            continue
+        group = SharedInput(layout, grads_in_place)
+        for index, layer in enumerate(layers):
+            layer.forward = functools.partial(group.forward, index, previous=layer.forward)
+        changed += 1
+    return changed
+
+
+def _in_group(layer: torch.nn.Module) -> bool:
+    forward = vars(layer).get("forward")
+    return isinstance(forward, functools.partial) and isinstance(getattr(forward.func, "__self__", None), SharedInput)

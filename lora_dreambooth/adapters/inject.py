@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from lora_dreambooth.adapters.fused_lora import fuse_lora_layers
-from lora_dreambooth.adapters.fused_projections import fuse_attention_projections
+from lora_dreambooth.adapters.fused_projections import fuse_attention_projections, fuse_text_projections
 from lora_dreambooth.adapters.variants import AdapterVariant, remember_initial_factors
 
 ADAPTER_NAME = "default"
@@ -26,13 +26,15 @@ class InjectedAdapters:
 def inject_adapters(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, variant: AdapterVariant, *,
                     rank: int, alpha: float, unet_targets: tuple[str, ...], text_encoder_targets: tuple[str, ...],
                     init: str = "gaussian", fused: bool = False, fold_base: bool = True,
-                    grads_in_place: bool = False, fused_qkv: bool = False) -> InjectedAdapters:
+                    grads_in_place: bool = False, fused_qkv: bool = False,
+                    fused_text_qkv: bool = False) -> InjectedAdapters:
     """Add a fresh adapter to `unet` (and `text_encoder` when given) and make only its weights trainable, in fp32.
 
     With `fused`, plain LoRA linear layers compute their update as one autograd node under autocast
     (:func:`fused_lora.fuse_lora_layers`: the same maths in 704 fewer kernels per SD R2 step, +4.5% it/s), with
     `fold_base` their frozen base linear in the same node, and with `fused_qkv` too each UNet attention layer's
-    projections of one input as one node (:func:`fused_projections.fuse_attention_projections`).
+    projections of one input as one node (:func:`fused_projections.fuse_attention_projections`), and with
+    `fused_text_qkv` the text encoder's q, k, v projections (:func:`fused_projections.fuse_text_projections`).
 
     peft creates adapter weights in the base weight's dtype (bf16, even fp8); fp32 master weights are what keep
     fp16 mixed precision from failing with "Attempting to unscale FP16 gradients".
@@ -57,6 +59,8 @@ def inject_adapters(unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
         fuse_lora_layers([unet, text_encoder], fold_base=fold_base, grads_in_place=grads_in_place)
         if fused_qkv and fold_base:
             fuse_attention_projections(unet, grads_in_place=grads_in_place)
+        if fused_text_qkv and fold_base and text_encoder is not None:
+            fuse_text_projections(text_encoder, grads_in_place=grads_in_place)
     return InjectedAdapters(variant, unet, text_encoder, unet_config, te_config)
 
 

@@ -23,11 +23,13 @@ from torch import nn
 from lora_dreambooth.adapters.precision import norms_compute_in_weight_dtype
 from lora_dreambooth.config import TrainConfig, parse_size
 from lora_dreambooth.errors import UserInputError
+from lora_dreambooth.kernels import LOW_PRECISION
 from lora_dreambooth.kernels.attention import route_attention
 from lora_dreambooth.kernels.geglu import use_fused_geglu
 from lora_dreambooth.kernels.group_norm import use_channels_last_group_norm
 from lora_dreambooth.kernels.layouts import keep_transformer_outputs_channels_last
 from lora_dreambooth.kernels.resnet import fuse_resnet_norm_activations
+from lora_dreambooth.kernels.warmup import compile_in_background, wait_for_compiles
 
 log = logging.getLogger(__name__)
 
@@ -319,10 +321,12 @@ class ExecutionPlan:
     fused_base_linear: bool = True  # with fused_adapters: a frozen torch Linear base computed in that node too
     # with fused_adapters: weight gradients added by their matmuls into the graph's static buffers (no DDP hooks)
     adapter_grads_in_place: bool = False
-    # with fused_adapters and fused_base_linear: an attention layer's q, k, v (cross-attention: k, v) LoRA
-    # projections as one node, two matmuls forward (adapters/fused_projections.py); off until a GPU has measured
-    # it (probe stacked-qkv), and then under a graph only, which replays its per-layer host checks for free
+    # with fused_adapters and fused_base_linear: a UNet attention layer's q, k, v (cross-attention: k, v) LoRA
+    # projections as one node, two matmuls forward (adapters/fused_projections.py): +9.7% R2 it/s on an H100.
+    # Under a graph only, which replays its per-layer host checks for free
     fused_qkv: bool = False
+    # the same for a trained text encoder's q, k, v projections (CLIP attention)
+    fused_text_qkv: bool = False
     # with channels_last: GroupNorm in NHWC too (kernels/group_norm.py); only under a graph, which replays its
     # Triton launches without their host cost
     channels_last_norms: bool = False
@@ -339,6 +343,12 @@ class ExecutionPlan:
     top_attention_cross: bool = False  # their cross-attention too
     predicted_bytes: float | None = None
     reasons: tuple[str, ...] = field(default=(), compare=False)
+
+    def adapter_fusion(self) -> dict[str, bool]:
+        """`adapters.inject_adapters`' options for how the fused LoRA layers compute under this plan."""
+        return dict(fused=self.fused_adapters, fold_base=self.fused_base_linear,
+                    grads_in_place=self.adapter_grads_in_place, fused_qkv=self.fused_qkv,
+                    fused_text_qkv=self.fused_text_qkv)
 
     @property
     def label(self) -> str:
@@ -423,6 +433,7 @@ def choose_plan(cfg: TrainConfig, *, device: torch.device, num_processes: int, u
                              gradient_checkpointing=checkpointing, compile=cfg.compile and profile != "plain",
                              channels_last=profile == "fast" and device.type == "cuda", predicted_bytes=peak,
                              channels_last_norms=graph, fused_geglu=graph, adapter_grads_in_place=graph,
+                             fused_qkv=graph, fused_text_qkv=graph,
                              reasons=tuple(reasons),
                              top_attention="cudnn" if profile != "plain" and device.type == "cuda" else "flash")
 
@@ -495,8 +506,10 @@ def place_frozen_models(unet: nn.Module, text_encoder: nn.Module | None, plan: E
     - on a GPU, cuDNN's attention for the full-resolution self-attention (`route_attention`, +7% on an H100).
 
     A model already placed for this plan is left as it is, so the UNet can be placed early (to generate class
-    images with the same kernels) and again with the text encoder.
+    images with the same kernels) and again with the text encoder. Kernels that :func:`start_kernel_compiles`
+    began compiling are waited for first.
     """
+    wait_for_compiles()
     for model in (unet, text_encoder):
         if model is None or vars(model).get(_PLACED_FOR) is plan:
             continue
@@ -511,6 +524,15 @@ def place_frozen_models(unet: nn.Module, text_encoder: nn.Module | None, plan: E
 
 
 _PLACED_FOR = "_lora_dreambooth_placed_for"  # the plan a frozen model was placed for
+
+
+def start_kernel_compiles(plan: ExecutionPlan, device: torch.device, dtype: torch.dtype) -> ExecutionPlan:
+    """Begin compiling the Triton kernels `plan` runs (NHWC GroupNorm, GEGLU) in the background on a GPU, so that
+    a machine's first run compiles them while the base loads (:func:`place_frozen_models` waits for them);
+    returns `plan`."""
+    if not plan.quantize and dtype in LOW_PRECISION:  # NF4 quantizes on the GPU first: nothing to overlap
+        compile_in_background(device, dtype, norms=plan.channels_last_norms, geglu=plan.fused_geglu)
+    return plan
 
 
 def _use_plan_kernels(unet: nn.Module, plan: ExecutionPlan, dtype: torch.dtype) -> None:

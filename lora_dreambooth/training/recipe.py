@@ -33,7 +33,7 @@ from lora_dreambooth.training.batches import MicroBatches, Placement
 from lora_dreambooth.training.checkpoints import (install_adapter_hooks, latest_checkpoint, resume_from_latest,
                                                   save_checkpoint)
 from lora_dreambooth.training.graph import GraphedTraining, compile_in_place, enable_checkpointing
-from lora_dreambooth.training.lowmem import place_frozen_models
+from lora_dreambooth.training.lowmem import place_frozen_models, start_kernel_compiles
 from lora_dreambooth.training.objective import DreamBoothObjective
 from lora_dreambooth.training.optim import SkippedSteps, adapter_param_groups, build_lr_scheduler, build_optimizer
 from lora_dreambooth.training.phases import PhaseClock, loop_phases
@@ -106,8 +106,9 @@ class DreamBoothRecipe:
                        self._prepare_step_runner)
 
     def _choose_plan(self):
-        return plan_before_loading(self.cfg, resolve_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle),
+        plan = plan_before_loading(self.cfg, resolve_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle),
                                    device=self.device, num_processes=self.accelerator.num_processes)
+        return start_kernel_compiles(plan, self.device, self.weight_dtype)  # they compile while the base loads
 
     def _adapt_to_base(self) -> None:
         """Warn about subject tokens the tokenizer splits or knows well; apply --prediction-type."""
@@ -167,8 +168,7 @@ class DreamBoothRecipe:
         self.adapters = inject_adapters(unet, text_encoder if cfg.train_text_encoder else None, self.variant,
                                         rank=cfg.rank, alpha=cfg.alpha, unet_targets=cfg.unet_target_modules,
                                         text_encoder_targets=cfg.text_encoder_target_modules, init=cfg.init,
-                                        fused=plan.fused_adapters, fold_base=plan.fused_base_linear,
-                                        grads_in_place=plan.adapter_grads_in_place, fused_qkv=plan.fused_qkv)
+                                        **plan.adapter_fusion())
         if self.identifier is not None:  # after injection: peft freezes every parameter it did not add
             self.trained_row = attach_trained_row(self.base.tokenizer, text_encoder, self.identifier,
                                                   cfg.effective_init_token)
