@@ -252,3 +252,26 @@ def test_fused_lora_layers_on_cuda_match_peft_within_bf16_rounding():
     torch.testing.assert_close(out_fused.float(), out_peft.float(), rtol=2e-2, atol=2e-2)
     for fused, peft in zip(grads_fused, grads_peft):
         assert fused.dtype == torch.float32 and (fused - peft).norm() <= 2e-2 * peft.norm()
+
+
+def test_a_layer_with_several_active_adapters_leaves_the_others_reading_their_own_cast_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 8))
+    for name in ("default", "second"):
+        config = LoraConfig(r=4, lora_alpha=4, target_modules=["0", "1", "2"], init_lora_weights=False)
+        model = inject_adapter_in_model(config, model, adapter_name=name)
+    for name, p in model.named_parameters():
+        p.data = p.data.float() if "lora_" in name else p.data.to(torch.bfloat16)
+        p.requires_grad_("lora_" in name)
+    model[0].set_adapter(["default", "second"])  # peft's own forward; the two after it are fused
+    for layer in model[1:]:
+        layer.set_adapter("default")
+    x = torch.randn(2, 16).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x)
+    fuse_lora_layers([model])
+    with torch.autocast("cpu", dtype=torch.bfloat16), adapters_compute_in_autocast([model]):
+        out = model(x)
+    assert [tuple(c.shape) for c in model._lora_adapter_casts.copies[torch.bfloat16]] == [(4, 16), (16, 4),
+                                                                                         (4, 16), (8, 4)]
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)

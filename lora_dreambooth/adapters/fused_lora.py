@@ -300,13 +300,14 @@ def fuse_lora_layers(models: Iterable[torch.nn.Module | None], fold_base: bool =
     models = [m for m in models if m is not None]
     layers = [m for model in models for m in model.modules()
               if plain_lora_linear(m) and "forward" not in m.__dict__]  # a layer someone else patched stays as is
-    weights = [w for layer in layers for w in _active_weights(layer)]
-    casts = AdapterCasts(weights) if weights else None
-    for index, layer in enumerate(layers):
-        slot = 2 * index if len(_active_weights(layer)) == 2 else -1
-        forward = functools.partial(_fused_forward, fold_base=fold_base, casts=casts if slot >= 0 else None,
-                                    slot=max(slot, 0), grads_in_place=grads_in_place)
+    pairs = [_active_weights(layer) for layer in layers]
+    casts = AdapterCasts([w for pair in pairs for w in pair]) if any(pairs) else None
+    slot = 0  # where the layer's A lies in casts.weights: only layers with one active adapter are listed
+    for layer, pair in zip(layers, pairs):
+        forward = functools.partial(_fused_forward, fold_base=fold_base, casts=casts if pair else None, slot=slot,
+                                    grads_in_place=grads_in_place)
         layer.forward = types.MethodType(forward, layer)
+        slot += len(pair)
     for model in models:
         setattr(model, CASTS_ATTRIBUTE, casts)
 
