@@ -55,8 +55,8 @@ def weight_grad(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, s
     matmul adds into it itself (`addmm`, beta 1) and None is returned: autograd then has nothing to accumulate,
     which saves one add kernel per adapter weight and step. Otherwise the gradient is returned, for autograd.
     """
-    grad = weight.grad if into_grad else None
-    if grad is not None and grad.dtype == torch.float32 and grad.is_contiguous() and grad.shape == weight.shape:
+    grad = bound_grad(weight, into_grad)
+    if grad is not None:
         if _add_into_works(grad.device.type) and left.dtype in LOW_PRECISION:
             torch.addmm(grad, left, right, out_dtype=torch.float32, alpha=scale, out=grad)
         else:  # the same maths where the fused kernel is missing (CPU): fp32 products of the 16-bit values
@@ -66,6 +66,15 @@ def weight_grad(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, s
     if scale != 1.0:
         result.mul_(scale)
     return result
+
+
+def bound_grad(weight: torch.Tensor, into_grad: bool) -> torch.Tensor | None:
+    """`weight`'s `.grad` where a gradient may be added into it in place (with `into_grad`, an existing contiguous
+    fp32 buffer of its shape, as the graph's static gradients are), else None."""
+    grad = weight.grad if into_grad else None
+    if grad is not None and grad.dtype == torch.float32 and grad.is_contiguous() and grad.shape == weight.shape:
+        return grad
+    return None
 
 
 def _add_into_works(kind: str) -> bool:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lora_dreambooth.adapters.fused_lora import (CASTS_ATTRIBUTE, AdapterCasts, frozen_plain_linear,
+from lora_dreambooth.adapters.fused_lora import (CASTS_ATTRIBUTE, AdapterCasts, bound_grad, frozen_plain_linear,
                                                  fusable_adapter, mm_out, plain_lora_linear, weight_grad)
 from lora_dreambooth.kernels import LOW_PRECISION
 from lora_dreambooth.kernels.attention import preferred_backend_processor
@@ -166,9 +166,8 @@ def _stacked_weight_grads(weights: tuple[torch.Tensor, ...], left: torch.Tensor,
     reading the input once. With `into_grad`, where every weight has an fp32 `.grad` buffer, added into those (one
     multi-tensor add) and None returned; otherwise returned for autograd."""
     rank = weights[0].shape[0]
-    buffers = [w.grad if into_grad else None for w in weights]
-    if all(b is not None and b.dtype == torch.float32 and b.is_contiguous() and b.shape == w.shape
-           for b, w in zip(buffers, weights)):
+    buffers = [bound_grad(w, into_grad) for w in weights]
+    if all(b is not None for b in buffers):
         torch._foreach_add_(buffers, list(mm_out(left, right, torch.float32).split(rank)), alpha=scale)
         return [None] * len(weights)
     result = mm_out(left, right, weights[0].dtype)
