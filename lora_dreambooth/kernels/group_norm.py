@@ -87,11 +87,15 @@ def trial_failure(device: torch.device, dtype: torch.dtype) -> str | None:
 _TRIAL_LOCK = threading.Lock()  # one trial at a time: a second caller waits, then finds the kernels compiled
 
 
-def _channels_last_forward(self: torch.nn.GroupNorm, x: torch.Tensor, *, previous) -> torch.Tensor:
-    if not supports(x, self.weight, self.bias):
-        return previous(x)
+def norm_layer_nhwc(norm: torch.nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    """The GroupNorm layer `norm` applied to `x` by this kernel (then SiLU if `silu`), in the layer's weight dtype
+    whatever autocast says. Call :func:`supports` first."""
     with torch.autocast(x.device.type, enabled=False):
-        return group_norm_nhwc(x.to(self.weight.dtype), self.num_groups, self.weight, self.bias, self.eps)
+        return group_norm_nhwc(x.to(norm.weight.dtype), norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu)
+
+
+def _channels_last_forward(self: torch.nn.GroupNorm, x: torch.Tensor, *, previous) -> torch.Tensor:
+    return norm_layer_nhwc(self, x) if supports(x, self.weight, self.bias) else previous(x)
 
 
 class _GroupNormNHWC(torch.autograd.Function):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from lora_dreambooth.kernels import LOW_PRECISION
 from lora_dreambooth.kernels._patching import install_forward
-from lora_dreambooth.kernels.group_norm import group_norm_nhwc, supports, trial_failure
+from lora_dreambooth.kernels.group_norm import norm_layer_nhwc, supports, trial_failure
 
 
 def fuse_resnet_norm_activations(model: torch.nn.Module) -> int:
@@ -50,7 +50,4 @@ def _fused_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, 
 
 def _norm_silu(norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """`F.silu(norm(x))`, as one NHWC kernel where it takes `x`."""
-    if not supports(x, norm.weight, norm.bias):
-        return F.silu(norm(x))
-    with torch.autocast(x.device.type, enabled=False):
-        return group_norm_nhwc(x.to(norm.weight.dtype), norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True)
+    return norm_layer_nhwc(norm, x, silu=True) if supports(x, norm.weight, norm.bias) else F.silu(norm(x))
