@@ -10,7 +10,6 @@ arithmetic in fp32, each output rounded once to the input's dtype.
 from __future__ import annotations
 
 import functools
-import threading
 from typing import Any
 
 import torch
@@ -47,27 +46,22 @@ def use_fused_geglu(model: torch.nn.Module, dtype: torch.dtype) -> int:
 @functools.cache
 def trial_failure(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the kernels cannot run on `device` in `dtype` (None: forward and backward ran and agreed with
-    diffusers' maths). Compiles them on first use on a machine, as the first training step otherwise would;
-    thread-safe, so that they can compile while the base loads."""
-    with _TRIAL_LOCK:
-        try:
-            generator = torch.Generator(device=device).manual_seed(0)
-            projected = torch.randn(3, 5, 64, device=device, generator=generator).to(dtype).requires_grad_(True)
-            if not supports(projected):
-                return "Triton is not importable" if _kernels() is None else "unsupported input"
-            out = geglu(projected)
-            out.float().square().sum().backward()
-            value, gate = projected.detach().float().chunk(2, dim=-1)
-            if not torch.allclose(out.float(), value * F.gelu(gate), atol=0.05, rtol=0.05):
-                return "its output disagreed with value * gelu(gate)"
-            if not torch.isfinite(projected.grad).all():
-                return "its gradient is not finite"
-        except Exception as error:  # noqa: BLE001 - any compiler or driver error means: use diffusers' own gate
-            return error_line(error)
-        return None
-
-
-_TRIAL_LOCK = threading.Lock()  # one trial at a time: a second caller waits, then finds the kernels compiled
+    diffusers' maths). Compiles them on first use on a machine, as the first training step otherwise would."""
+    try:
+        generator = torch.Generator(device=device).manual_seed(0)
+        projected = torch.randn(3, 5, 64, device=device, generator=generator).to(dtype).requires_grad_(True)
+        if not supports(projected):
+            return "Triton is not importable" if _kernels() is None else "unsupported input"
+        out = geglu(projected)
+        out.float().square().sum().backward()
+        value, gate = projected.detach().float().chunk(2, dim=-1)
+        if not torch.allclose(out.float(), value * F.gelu(gate), atol=0.05, rtol=0.05):
+            return "its output disagreed with value * gelu(gate)"
+        if not torch.isfinite(projected.grad).all():
+            return "its gradient is not finite"
+    except Exception as error:  # noqa: BLE001 - any compiler or driver error means: use diffusers' own gate
+        return error_line(error)
+    return None
 
 
 def _fused_forward(self, hidden_states: torch.Tensor, *args, previous, **kwargs) -> torch.Tensor:

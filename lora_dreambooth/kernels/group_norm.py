@@ -17,7 +17,6 @@ this runs (:func:`supports` checks it).
 from __future__ import annotations
 
 import functools
-import threading
 from typing import Any
 
 import torch
@@ -63,28 +62,24 @@ def use_channels_last_group_norm(model: torch.nn.Module) -> int:
 def trial_failure(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the kernel cannot run on `device` in `dtype` (None: it ran forward and backward, without and with its
     SiLU, and agreed with torch's GroupNorm). Compiles all its variants on first use on a machine, as the first
-    training step otherwise would; thread-safe, so that it can compile while the base loads."""
-    with _TRIAL_LOCK:
-        try:
-            generator = torch.Generator(device=device).manual_seed(0)
-            x = torch.randn(2, 64, 8, 8, device=device, generator=generator).to(dtype)
-            x = x.to(memory_format=torch.channels_last).requires_grad_(True)
-            weight = torch.ones(64, device=device, dtype=dtype)
-            if not supports(x, weight, weight):
-                return "Triton is not importable" if _kernels() is None else "unsupported input"
-            normalized = F.group_norm(x.detach().float(), 32, eps=1e-5)
-            for silu, expected in ((False, normalized), (True, F.silu(normalized))):
-                x.grad = None
-                y = group_norm_nhwc(x, 32, weight, torch.zeros_like(weight), 1e-5, silu=silu)
-                y.float().square().sum().backward()
-                if not torch.allclose(y.float(), expected, atol=0.05, rtol=0.05) or not torch.isfinite(x.grad).all():
-                    return f"its output{' with SiLU' * silu} disagreed with torch's GroupNorm"
-        except Exception as error:  # noqa: BLE001 - any compiler or driver error means: use torch's kernel
-            return error_line(error)
-        return None
-
-
-_TRIAL_LOCK = threading.Lock()  # one trial at a time: a second caller waits, then finds the kernels compiled
+    training step otherwise would."""
+    try:
+        generator = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(2, 64, 8, 8, device=device, generator=generator).to(dtype)
+        x = x.to(memory_format=torch.channels_last).requires_grad_(True)
+        weight = torch.ones(64, device=device, dtype=dtype)
+        if not supports(x, weight, weight):
+            return "Triton is not importable" if _kernels() is None else "unsupported input"
+        normalized = F.group_norm(x.detach().float(), 32, eps=1e-5)
+        for silu, expected in ((False, normalized), (True, F.silu(normalized))):
+            x.grad = None
+            y = group_norm_nhwc(x, 32, weight, torch.zeros_like(weight), 1e-5, silu=silu)
+            y.float().square().sum().backward()
+            if not torch.allclose(y.float(), expected, atol=0.05, rtol=0.05) or not torch.isfinite(x.grad).all():
+                return f"its output{' with SiLU' * silu} disagreed with torch's GroupNorm"
+    except Exception as error:  # noqa: BLE001 - any compiler or driver error means: use torch's kernel
+        return error_line(error)
+    return None
 
 
 def norm_layer_nhwc(norm: torch.nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:

@@ -1,39 +1,54 @@
-"""The Triton kernels compiled in the background: on a machine's first run, compiling the NHWC GroupNorm and GEGLU
-kernels (nine variants) takes seconds, which can overlap loading the base instead of delaying class images and the
-first step. Triton keeps them in its cache folder, so later runs load them in milliseconds."""
+"""The Triton kernels compiled in a second process: on a machine's first run, compiling the NHWC GroupNorm and GEGLU
+kernels (eight variants) takes seconds, which then overlap loading the base and generating class images instead of
+delaying the first step. The process runs the kernels' trials, which compile them into Triton's cache folder; the
+training process's own trials then load them from there in milliseconds. A process, not a thread: compiling holds
+the interpreter lock for much of its time, which would slow the loading it overlaps."""
 from __future__ import annotations
 
-import threading
+import subprocess
+import sys
 
 import torch
 
-_PENDING: list[threading.Thread] = []
+_PENDING: list[subprocess.Popen] = []
+WAIT_SECONDS = 120.0  # a compile that takes longer is stopped: the training process compiles what it needs itself
 
 
 def compile_in_background(device: torch.device, dtype: torch.dtype, *, norms: bool, geglu: bool) -> None:
-    """Run the trials of the kernels asked for on a CUDA `device` in a daemon thread; a trial compiles its kernels
-    and caches its answer, so patching the layers later (after :func:`wait_for_compiles`) finds them ready. A
-    failure stays inside the trial's answer, as when it runs in the foreground."""
+    """Start compiling the kernels asked for on a CUDA `device`, in another process (nothing happens elsewhere);
+    :func:`wait_for_compiles` waits for it. A failure there changes nothing: the trials here compile or fail
+    as they would have."""
     if device.type != "cuda" or not (norms or geglu):
         return
-    from lora_dreambooth.kernels import geglu as geglu_kernels
-    from lora_dreambooth.kernels import group_norm
-
-    if device.index is None:  # the trials' answers are cached per device, as the layers' weights name it
-        device = torch.device("cuda", torch.cuda.current_device())
-    trials = [group_norm.trial_failure] * norms + [geglu_kernels.trial_failure] * geglu
-
-    def compile_all() -> None:
-        with torch.cuda.device(device):
-            for trial in trials:
-                trial(device, dtype)
-
-    thread = threading.Thread(target=compile_all, name="lora-dreambooth-kernel-compile", daemon=True)
-    thread.start()
-    _PENDING.append(thread)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    command = [sys.executable, "-m", __name__, str(index), str(dtype).removeprefix("torch.")]
+    command += ["norms"] * norms + ["geglu"] * geglu
+    try:
+        _PENDING.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL))
+    except OSError:
+        pass
 
 
 def wait_for_compiles() -> None:
-    """Wait until the kernels started by :func:`compile_in_background` are compiled (at once if none are)."""
+    """Wait until the compiles started by :func:`compile_in_background` are done (at once if there are none)."""
     while _PENDING:
-        _PENDING.pop().join()
+        process = _PENDING.pop()
+        try:
+            process.wait(WAIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def main(argv: list[str]) -> int:
+    """`python -m lora_dreambooth.kernels.warmup DEVICE_INDEX DTYPE [norms] [geglu]`: run those kernels' trials."""
+    from lora_dreambooth.kernels import geglu, group_norm
+
+    device, dtype = torch.device("cuda", int(argv[0])), getattr(torch, argv[1])
+    failures = [trial(device, dtype) for name, trial in (("norms", group_norm.trial_failure),
+                                                         ("geglu", geglu.trial_failure)) if name in argv[2:]]
+    return int(any(failures))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

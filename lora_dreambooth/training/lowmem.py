@@ -527,10 +527,10 @@ _PLACED_FOR = "_lora_dreambooth_placed_for"  # the plan a frozen model was place
 
 
 def start_kernel_compiles(plan: ExecutionPlan, device: torch.device, dtype: torch.dtype) -> ExecutionPlan:
-    """Begin compiling the Triton kernels `plan` runs (NHWC GroupNorm, GEGLU) in the background on a GPU, so that
-    a machine's first run compiles them while the base loads (:func:`place_frozen_models` waits for them);
-    returns `plan`."""
-    if not plan.quantize and dtype in LOW_PRECISION:  # NF4 quantizes on the GPU first: nothing to overlap
+    """Begin compiling the Triton kernels `plan` runs (NHWC GroupNorm, GEGLU) in another process on a GPU, so that
+    a machine's first run compiles them while the base loads and class images are made (:func:`place_frozen_models`
+    waits for them); returns `plan`."""
+    if plan.channels_last and dtype in LOW_PRECISION:  # where the NHWC norms can run (the fast profile)
         compile_in_background(device, dtype, norms=plan.channels_last_norms, geglu=plan.fused_geglu)
     return plan
 

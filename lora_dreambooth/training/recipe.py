@@ -119,10 +119,7 @@ class DreamBoothRecipe:
         apply_prediction_type(self.base.noise_scheduler, self.cfg.prediction_type)
 
     def _prepare_class_images(self) -> list:
-        """Class images of every class prompt (subjects of one class share them), generated where missing, by a
-        UNet on the device already placed as the loop runs it (NHWC, its kernels)."""
-        if self.device.type == "cuda" and not self.plan.quantize:  # an NF4 base is quantized after generating
-            place_frozen_models(self.base.unet, None, self.plan, device=self.device, dtype=self.weight_dtype)
+        """Class images of every class prompt (subjects of one class share them), generated where missing."""
         examples = []
         for prompt, class_dir, count in class_image_sets(self.subjects, self.cfg.num_class_images):
             cfg = self.cfg.replace(num_class_images=count)
