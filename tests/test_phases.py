@@ -3,6 +3,7 @@ restarts after it."""
 from __future__ import annotations
 
 import io
+import logging
 import time
 
 from tqdm.auto import tqdm
@@ -21,6 +22,15 @@ def test_summary_line_parses_back_and_phases_add_up():
     phases = parse_summary("some prefix " + clock.summary())
     assert list(phases) == ["class images", "text + latent caching", "total"]
     assert 1.0 <= phases["class images"] < 1.5 and phases["total"] >= 0.0
+
+
+def test_an_announcing_clock_names_each_phase_as_it_starts(caplog):
+    quiet, announcing = PhaseClock("cpu"), PhaseClock("cpu", announce=True)
+    with caplog.at_level(logging.INFO, logger="lora_dreambooth.training.phases"):
+        quiet.run("base load", lambda: caplog.records.copy())
+        assert not caplog.records
+        seen_inside = announcing.run("base load", lambda: [r.getMessage() for r in caplog.records])
+    assert seen_inside == ["base load ..."]  # logged before the phase's work, not after it
 
 
 def test_graph_warm_up_is_its_own_phase_and_the_bar_rate_restarts_after_it(capsys):

@@ -18,10 +18,14 @@ SUMMARY_PREFIX = "phases: "
 
 
 class PhaseClock:
-    """Wall time per named phase (a phase entered twice adds up), measured from device-synchronised boundaries."""
+    """Wall time per named phase (a phase entered twice adds up), measured from device-synchronised boundaries.
 
-    def __init__(self, device: torch.device | str | None = None):
+    With `announce`, each phase logs its name as it starts: a run's first phases (library imports, the base's load)
+    print nothing of their own for seconds, which should not look like a hang."""
+
+    def __init__(self, device: torch.device | str | None = None, *, announce: bool = False):
         self.device = torch.device(device) if device is not None else None
+        self.announce = announce
         self.seconds: dict[str, float] = {}
         self.started = time.perf_counter()
 
@@ -32,6 +36,8 @@ class PhaseClock:
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Time the block as `name` (the device's queued work is waited for at both ends)."""
+        if self.announce:
+            log.info("%s ...", name)
         self._sync()
         start = time.perf_counter()
         try:

@@ -90,7 +90,7 @@ class DreamBoothRecipe:
         log.info("process %d/%d on %s", self.accelerator.process_index, self.accelerator.num_processes, self.device)
         self.weight_dtype = WEIGHT_DTYPES[self.cfg.mixed_precision]
         self.total_steps = self.cfg.total_steps(len(self.instance))
-        self.clock = PhaseClock(self.device)
+        self.clock = PhaseClock(self.device, announce=self.accelerator.is_main_process)
         self.plan = self.clock.run("imports + plan", self._choose_plan)  # where the weights go depends on it
         if self.accelerator.is_main_process:
             log.info(self.plan.describe())
