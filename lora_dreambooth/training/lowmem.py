@@ -505,13 +505,11 @@ def place_frozen_models(unet: nn.Module, text_encoder: nn.Module | None, plan: E
     - under a graph, GEGLU's gate in one kernel each way (`use_fused_geglu`);
     - on a GPU, cuDNN's attention for the full-resolution self-attention (`route_attention`, +7% on an H100).
 
-    A model already placed for this plan is left as it is, so the UNet can be placed early (to generate class
-    images with the same kernels) and again with the text encoder. Kernels that :func:`start_kernel_compiles`
-    began compiling are waited for first.
+    Kernels that :func:`start_kernel_compiles` began compiling are waited for first.
     """
     wait_for_compiles()
     for model in (unet, text_encoder):
-        if model is None or vars(model).get(_PLACED_FOR) is plan:
+        if model is None:
             continue
         if plan.quantize:
             quantize_frozen(model, compute_dtype=dtype, device=device)
@@ -520,10 +518,6 @@ def place_frozen_models(unet: nn.Module, text_encoder: nn.Module | None, plan: E
         norms_compute_in_weight_dtype(model)
         if model is unet:
             _use_plan_kernels(unet, plan, dtype)
-        model.__dict__[_PLACED_FOR] = plan
-
-
-_PLACED_FOR = "_lora_dreambooth_placed_for"  # the plan a frozen model was placed for
 
 
 def start_kernel_compiles(plan: ExecutionPlan, device: torch.device, dtype: torch.dtype) -> ExecutionPlan:
