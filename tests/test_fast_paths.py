@@ -12,7 +12,7 @@ from lora_dreambooth import TrainConfig
 from lora_dreambooth.errors import UserInputError
 from lora_dreambooth.training.graph import CudaGraphStep, checkpoint_without_rng_state, make_optimizer_capturable
 from lora_dreambooth.training.lowmem import (GIB, Footprint, NF4Conv2d, NF4Linear, choose_plan, dequantize_into,
-                                          dequantize_nf4_eager, predict_peak_bytes, quantize_frozen)
+                                          dequantize_nf4_eager, kernels_likely, predict_peak_bytes, quantize_frozen)
 from lora_dreambooth.training.recipe import DreamBoothRecipe
 
 CUDA = torch.cuda.is_available()
@@ -197,6 +197,23 @@ def test_profiles_resolve_to_plans():
     assert _plan(_r2(profile="low-memory"), device="cpu").label == "low-memory (nf4, checkpointing)"
     compiled = _plan(_r2(profile="plain", compile=True))
     assert not compiled.compile and "--compile ignored" in compiled.describe()
+
+
+def test_a_plan_that_runs_the_kernels_is_foreseen_before_the_base_s_shapes_are_known():
+    def likely(cfg, free=16 * GIB, device="cuda", dtype=torch.bfloat16):
+        return kernels_likely(cfg, torch.device(device), dtype, 1, free)
+
+    foreseen = [(_r2(profile="fast"), None), (_r2(), 16 * GIB), (_r2(), 8 * GIB), (_r2(max_vram="24GB"), None),
+                (_r2(profile="fast", gradient_checkpointing=True), None), (_r2(mixed_precision="fp16"), 16 * GIB)]
+    for cfg, free in foreseen:  # wherever the guess says yes, the plan made later runs the kernels
+        plan = _plan(cfg, free=free)
+        assert likely(cfg, free) and plan.channels_last and plan.channels_last_norms and plan.fused_geglu, cfg
+    assert not likely(_r2(), 4 * GIB) and not likely(_r2(), None)  # auto might choose the low-memory plan
+    assert not likely(_r2(max_vram="2GB")) and _plan(_r2(max_vram="2GB")).quantize
+    assert not likely(_r2(profile="low-memory")) and not likely(_r2(profile="plain"))
+    assert not likely(_r2(profile="fast", optimizer="adamw8bit"))  # no graph: the kernels are not launched
+    assert not likely(_r2(profile="fast"), device="cpu")
+    assert not likely(_r2(profile="fast", mixed_precision="no"), dtype=torch.float32)
 
 
 @pytest.mark.parametrize("blocking, reason", [

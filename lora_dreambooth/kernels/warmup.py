@@ -7,37 +7,43 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import torch
 
-_PENDING: list[subprocess.Popen] = []
+_PENDING: dict[tuple, subprocess.Popen] = {}  # (device index, dtype, norms, geglu) -> the compiling process
 WAIT_SECONDS = 120.0  # a compile that takes longer is stopped: the training process compiles what it needs itself
 
 
 def compile_in_background(device: torch.device, dtype: torch.dtype, *, norms: bool, geglu: bool) -> None:
-    """Start compiling the kernels asked for on a CUDA `device`, in another process (nothing happens elsewhere);
-    :func:`wait_for_compiles` waits for it. A failure there changes nothing: the trials here compile or fail
-    as they would have."""
+    """Start compiling the kernels asked for on a CUDA `device`, in another process (nothing happens elsewhere),
+    unless a compile still pending already covers them; :func:`wait_for_compiles` waits for it. A failure there
+    changes nothing: the trials here compile or fail as they would have."""
     if device.type != "cuda" or not (norms or geglu):
         return
     index = device.index if device.index is not None else torch.cuda.current_device()
+    if any(i == index and d == dtype and n >= norms and g >= geglu for i, d, n, g in _PENDING):
+        return
     command = [sys.executable, "-m", __name__, str(index), str(dtype).removeprefix("torch.")]
     command += ["norms"] * norms + ["geglu"] * geglu
     try:
-        _PENDING.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL))
+        _PENDING[(index, dtype, norms, geglu)] = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except OSError:
         pass
 
 
-def wait_for_compiles() -> None:
-    """Wait until the compiles started by :func:`compile_in_background` are done (at once if there are none)."""
+def wait_for_compiles() -> float:
+    """Wait until the compiles started by :func:`compile_in_background` are done (at once if there are none);
+    returns the seconds waited."""
+    started = time.perf_counter()
     while _PENDING:
-        process = _PENDING.pop()
+        process = _PENDING.pop(next(iter(_PENDING)))
         try:
             process.wait(WAIT_SECONDS)
         except subprocess.TimeoutExpired:
             process.kill()
+    return time.perf_counter() - started
 
 
 def main(argv: list[str]) -> int:

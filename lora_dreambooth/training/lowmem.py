@@ -507,7 +507,9 @@ def place_frozen_models(unet: nn.Module, text_encoder: nn.Module | None, plan: E
 
     Kernels that :func:`start_kernel_compiles` began compiling are waited for first.
     """
-    wait_for_compiles()
+    waited = wait_for_compiles()
+    if waited >= 0.1:  # a machine's first run: the compile outlasted the loading it overlapped
+        log.info("waited %.1f s for the Triton kernels to compile", waited)
     for model in (unet, text_encoder):
         if model is None:
             continue
@@ -518,6 +520,33 @@ def place_frozen_models(unet: nn.Module, text_encoder: nn.Module | None, plan: E
         norms_compute_in_weight_dtype(model)
         if model is unet:
             _use_plan_kernels(unet, plan, dtype)
+
+
+# auto picks a plan that runs the kernels (fast, with or without checkpointing) wherever this much is free: SD v1's
+# R2 at 512 px is predicted at 2.6-4.4 GiB, and the low-memory plan (no kernels) only goes below that
+LIKELY_FAST_FREE_BYTES = 8 * GIB
+
+
+def kernels_likely(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, num_processes: int,
+                   free_bytes: int | None) -> bool:
+    """Whether the plan will run the Triton kernels, judged before the base's shapes are known: a fast plan under a
+    CUDA graph, asked for, or left to auto with at least `LIKELY_FAST_FREE_BYTES` free (or allowed by --max-vram)."""
+    if device.type != "cuda" or dtype not in LOW_PRECISION or graph_blockers(cfg, device, num_processes):
+        return False
+    if cfg.profile == "fast":
+        return True
+    budget = parse_size(cfg.max_vram) if cfg.max_vram else free_bytes
+    return cfg.profile == "auto" and budget is not None and budget >= LIKELY_FAST_FREE_BYTES
+
+
+def start_likely_kernel_compiles(cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
+                                 num_processes: int) -> None:
+    """Begin compiling the Triton kernels before planning when the plan will surely run them
+    (:func:`kernels_likely`): the library imports that planning needs take seconds on a GPU host, and a first run's
+    compile then overlaps them too. A wrong guess costs a compile in the background; a missed one is started by
+    :func:`start_kernel_compiles`."""
+    if kernels_likely(cfg, device, dtype, num_processes, device_free_bytes(device)):
+        compile_in_background(device, dtype, norms=True, geglu=True)
 
 
 def start_kernel_compiles(plan: ExecutionPlan, device: torch.device, dtype: torch.dtype) -> ExecutionPlan:

@@ -33,7 +33,7 @@ from lora_dreambooth.training.batches import MicroBatches, Placement
 from lora_dreambooth.training.checkpoints import (install_adapter_hooks, latest_checkpoint, resume_from_latest,
                                                   save_checkpoint)
 from lora_dreambooth.training.graph import GraphedTraining, compile_in_place, enable_checkpointing
-from lora_dreambooth.training.lowmem import place_frozen_models, start_kernel_compiles
+from lora_dreambooth.training.lowmem import place_frozen_models, start_kernel_compiles, start_likely_kernel_compiles
 from lora_dreambooth.training.objective import DreamBoothObjective
 from lora_dreambooth.training.optim import SkippedSteps, adapter_param_groups, build_lr_scheduler, build_optimizer
 from lora_dreambooth.training.phases import PhaseClock, loop_phases
@@ -105,7 +105,8 @@ class DreamBoothRecipe:
         self.clock.run("adapters + optimizer", self._inject_adapters, self._prepare_optimization, self._maybe_resume,
                        self._prepare_step_runner)
 
-    def _choose_plan(self):
+    def _choose_plan(self):  # a first run's kernel compile may begin before the imports planning needs
+        start_likely_kernel_compiles(self.cfg, self.device, self.weight_dtype, self.accelerator.num_processes)
         plan = plan_before_loading(self.cfg, resolve_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle),
                                    device=self.device, num_processes=self.accelerator.num_processes)
         return start_kernel_compiles(plan, self.device, self.weight_dtype)  # they compile while the base loads
