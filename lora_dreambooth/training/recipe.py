@@ -189,8 +189,8 @@ class DreamBoothRecipe:
         self.params = [p for group in groups for p in group["params"]]
         self.objective = DreamBoothObjective(
             self.base.noise_scheduler, acc.unwrap_model(self.unet), batch_size=cfg.batch_size,
-            prior_weight=cfg.prior_weight, snr_gamma=cfg.snr_gamma, model_prior=self.model_prior, base_text=self.base_text,
-            weight_dtype=self.weight_dtype, device=self.device, autocast=acc.autocast)
+            prior_weight=cfg.prior_weight, snr_gamma=cfg.snr_gamma, model_prior=self.model_prior,
+            base_text=self.base_text, weight_dtype=self.weight_dtype, device=self.device, autocast=acc.autocast)
 
     def _maybe_resume(self) -> None:
         if self.cfg.resume:
