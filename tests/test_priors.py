@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from lora_dreambooth.models import load_base
-from lora_dreambooth.training.priors import (MANIFEST, check_manifest, default_class_dir, fitted_batch_size,
-                                             generate_class_images, generation_key, pixel_bytes, plan_class_images,
-                                             write_manifest)
+from lora_dreambooth.training.priors import (MANIFEST, check_manifest, decode_latents, default_class_dir,
+                                             fitted_batch_size, generate_class_images, generation_key, pixel_bytes,
+                                             plan_class_images, write_manifest)
 
 PROMPT = "a photo of dog"
 
@@ -65,6 +65,25 @@ def test_pixel_bytes_are_the_bytes_of_diffusers_postprocess(base):
     ours = pixel_bytes(processor, pixels).permute(0, 2, 3, 1).numpy()
     assert ours.dtype == np.uint8
     assert all(np.array_equal(a, b) for a, b in zip(expected, ours))
+
+
+def test_an_fp16_decode_that_overflows_is_redone_in_fp32(base, caplog):
+    import copy
+
+    import torch
+
+    pipe = base.pipeline()
+    latents = torch.randn(3, pipe.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    reference = [np.asarray(image, dtype=np.int16) for image in decode_latents(pipe, latents)]  # the fp32 VAE
+    half = copy.deepcopy(pipe.vae).to(torch.float16)
+    rounded = [np.asarray(image, dtype=np.int16) for image in decode_latents(pipe, latents, vae=half)]
+    assert max(np.abs(a - b).max() for a, b in zip(rounded, reference)) <= 2  # fp16 rounding: a level or two
+    with torch.no_grad():
+        half.decoder.conv_in.weight.mul_(1e6)  # past fp16's largest value: the decode turns inf/NaN
+    with caplog.at_level(logging.INFO, logger="lora_dreambooth"):
+        redone = decode_latents(pipe, latents, vae=half)
+    assert "overflowed in fp16" in caplog.text
+    assert all(np.array_equal(np.asarray(a, dtype=np.int16), b) for a, b in zip(redone, reference))
 
 
 def test_batches_are_balanced_and_capped():

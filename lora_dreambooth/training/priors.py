@@ -221,33 +221,46 @@ def _write_png(image, path: Path) -> None:
 
 
 def decoding_vae(pipe, max_bytes: int | None = None):
-    """The VAE that decodes the class images: a bf16 copy when the UNet runs in bf16 on a GPU and the run's memory
-    is not bounded (`max_bytes`): 19% faster than the fp32 weights under bf16 autocast (an H200, 25 images), as its
-    norm layers then run in bf16 too. Otherwise the pipeline's own, which stays fp32 in any case: it encodes the
-    training latents afterwards."""
+    """The VAE that decodes the class images: a copy in the UNet's 16-bit dtype when the UNet runs in one on a GPU
+    and the run's memory is not bounded (`max_bytes`). In bf16 it was 19% faster than the fp32 weights under bf16
+    autocast (an H200, 25 images), as its norm layers then run in bf16 too; in fp16, the dtype of GPUs without
+    bf16 (a T4), it spares convolutions in fp32, which run there at an eighth of fp16's rate (`decode_latents`
+    redoes a batch in fp32 if fp16 overflows). Otherwise the pipeline's own, which stays fp32 in any case: it
+    encodes the training latents afterwards."""
     vae = pipe.vae
-    if vae.device.type == "cuda" and pipe.unet.dtype == torch.bfloat16 and max_bytes is None:
-        return copy.deepcopy(vae).to(torch.bfloat16)
+    if vae.device.type == "cuda" and pipe.unet.dtype in (torch.float16, torch.bfloat16) and max_bytes is None:
+        return copy.deepcopy(vae).to(pipe.unet.dtype)
     return vae
 
 
 @torch.no_grad()
 def decode_latents(pipe, latents: torch.Tensor, *, max_bytes: int | None = None, vae=None) -> list:
     """Decode with `vae` (default: the pipeline's) in batches that fit memory; an fp32 VAE under bf16 autocast when
-    the UNet ran in bf16 (autocast rounds copies, never the weights). fp16 would overflow SD's VAE: fp16 runs
-    decode in fp32."""
+    the UNet ran in bf16 (autocast rounds copies, never the weights). A batch an fp16 `vae` decodes to non-finite
+    pixels (SD's VAE can overflow fp16's range) is decoded again by the pipeline's fp32 VAE, in halves, and so is
+    every batch after it."""
     vae = vae if vae is not None else pipe.vae
     device = latents.device
     autocast = device.type == "cuda" and pipe.unet.dtype == torch.bfloat16 and vae.dtype == torch.float32
-    halved = autocast or vae.dtype == torch.bfloat16
+    halved = autocast or vae.dtype in (torch.float16, torch.bfloat16)
     size = fitted_batch_size(latents.shape[0], DECODE_BYTES_PER_IMAGE / (2 if halved else 1), device,
                              latents.shape[-1] * pipe.vae_scale_factor, max_bytes=max_bytes)
     images = []
     for start in range(0, latents.shape[0], size):
-        chunk = latents[start:start + size].to(vae.dtype) / vae.config.scaling_factor
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            images.append(pixel_bytes(pipe.image_processor, vae.decode(chunk).sample.float()))
+        chunk = latents[start:start + size]
+        pixels = _decode(vae, chunk, autocast)
+        if vae.dtype == torch.float16 and not torch.isfinite(pixels).all():
+            log.info("class images: the VAE overflowed in fp16; decoding in fp32 from here on")
+            vae, autocast = pipe.vae, False
+            pixels = torch.cat([_decode(vae, part, False) for part in chunk.split(max(1, size // 2))])
+        images.append(pixel_bytes(pipe.image_processor, pixels))
     return [Image.fromarray(array) for array in torch.cat(images).permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def _decode(vae, latents: torch.Tensor, autocast: bool) -> torch.Tensor:
+    """fp32 pixels of `latents` decoded by `vae` (under bf16 autocast if asked)."""
+    with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=autocast):
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
 
 
 def pixel_bytes(image_processor, pixels: torch.Tensor) -> torch.Tensor:
