@@ -1,8 +1,8 @@
 """The Triton kernels compiled in a second process: on a machine's first run, compiling the NHWC GroupNorm and GEGLU
-kernels (eight variants) takes seconds, which then overlap the library imports, loading the base and generating class
-images instead of delaying the first step. The process runs the kernels' trials, which compile them into Triton's cache folder; the
-training process's own trials then load them from there in milliseconds. A process, not a thread: compiling holds
-the interpreter lock for much of its time, which would slow the loading it overlaps."""
+kernels (eight variants) takes seconds, which then overlap the library imports, loading the base and generating
+class images instead of delaying the first step. The process runs the kernels' trials, which compile them into
+Triton's cache folder; the training process's own trials then load them from there in milliseconds. A process, not
+a thread: compiling holds the interpreter lock for much of its time, which would slow the loading it overlaps."""
 from __future__ import annotations
 
 import subprocess
