@@ -62,7 +62,12 @@ def weight_grad(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, s
         else:  # the same maths where the fused kernel is missing (CPU): fp32 products of the 16-bit values
             grad.addmm_(left.to(grad.dtype), right.to(grad.dtype), alpha=scale)
         return None
-    result = mm_out(left, right, weight.dtype)
+    return scaled_mm_out(left, right, weight.dtype, scale)
+
+
+def scaled_mm_out(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """`scale * a @ b` as `dtype` (:func:`mm_out`, then scaled in place unless `scale` is 1)."""
+    result = mm_out(a, b, dtype)
     if scale != 1.0:
         result.mul_(scale)
     return result

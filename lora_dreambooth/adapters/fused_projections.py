@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from lora_dreambooth.adapters.fused_lora import (CASTS_ATTRIBUTE, AdapterCasts, bound_grad, frozen_plain_linear,
-                                                 fusable_adapter, mm_out, plain_lora_linear, weight_grad)
+                                                 fusable_adapter, mm_out, plain_lora_linear, scaled_mm_out,
+                                                 weight_grad)
 from lora_dreambooth.kernels import LOW_PRECISION
 from lora_dreambooth.kernels.attention import preferred_backend_processor
 
@@ -170,10 +171,7 @@ def _stacked_weight_grads(weights: tuple[torch.Tensor, ...], left: torch.Tensor,
     if all(b is not None for b in buffers):
         torch._foreach_add_(buffers, list(mm_out(left, right, torch.float32).split(rank)), alpha=scale)
         return [None] * len(weights)
-    result = mm_out(left, right, weights[0].dtype)
-    if scale != 1.0:
-        result.mul_(scale)
-    return list(result.split(rank))
+    return list(scaled_mm_out(left, right, weights[0].dtype, scale).split(rank))
 
 
 def _stack(layers: list[torch.nn.Module], casts: AdapterCasts | None) -> StackedProjections | None:

@@ -38,7 +38,7 @@ def wait_for_compiles() -> float:
     returns the seconds waited."""
     started = time.perf_counter()
     while _PENDING:
-        process = _PENDING.pop(next(iter(_PENDING)))
+        _, process = _PENDING.popitem()
         try:
             process.wait(WAIT_SECONDS)
         except subprocess.TimeoutExpired:

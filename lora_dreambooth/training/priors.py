@@ -19,6 +19,7 @@ from PIL import Image
 from lora_dreambooth.config import TrainConfig, parse_size
 from lora_dreambooth.data.examples import Example, load_examples
 from lora_dreambooth.files.atomic import atomic_path, write_text_atomic
+from lora_dreambooth.kernels import LOW_PRECISION
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def decoding_vae(pipe, max_bytes: int | None = None):
     redoes a batch in fp32 if fp16 overflows). Otherwise the pipeline's own, which stays fp32 in any case: it
     encodes the training latents afterwards."""
     vae = pipe.vae
-    if vae.device.type == "cuda" and pipe.unet.dtype in (torch.float16, torch.bfloat16) and max_bytes is None:
+    if vae.device.type == "cuda" and pipe.unet.dtype in LOW_PRECISION and max_bytes is None:
         return copy.deepcopy(vae).to(pipe.unet.dtype)
     return vae
 
@@ -242,7 +243,7 @@ def decode_latents(pipe, latents: torch.Tensor, *, max_bytes: int | None = None,
     vae = vae if vae is not None else pipe.vae
     device = latents.device
     autocast = device.type == "cuda" and pipe.unet.dtype == torch.bfloat16 and vae.dtype == torch.float32
-    halved = autocast or vae.dtype in (torch.float16, torch.bfloat16)
+    halved = autocast or vae.dtype in LOW_PRECISION
     size = fitted_batch_size(latents.shape[0], DECODE_BYTES_PER_IMAGE / (2 if halved else 1), device,
                              latents.shape[-1] * pipe.vae_scale_factor, max_bytes=max_bytes)
     images = []
