@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from lora_dreambooth.errors import UserInputError
+from lora_dreambooth.prefetch import WeightPrefetch
 from lora_dreambooth.single_file import (
     check_base_file,
     file_identity,
@@ -141,7 +142,7 @@ def prefer_flash_attention(device: torch.device | str) -> None:
 
 
 def load_base(base: str, *, allow_pickle: bool = False, device: torch.device | str | None = None,
-              dtype: torch.dtype | None = None) -> BaseModel:
+              dtype: torch.dtype | None = None, unet_prefetch: WeightPrefetch | None = None) -> BaseModel:
     """Load tokenizer, text encoder, UNet, VAE and the DDPM noise scheduler of an SD v1.x base.
 
     `base` is a diffusers folder, a hub id, or a single-file checkpoint (A1111 / Civitai `.safetensors`; `.ckpt`
@@ -151,6 +152,10 @@ def load_base(base: str, *, allow_pickle: bool = False, device: torch.device | s
     the files straight to the device, the UNet and text encoder in `dtype` (cast once while loading), the VAE in
     fp32 (it encodes the training latents). A hub id that cannot be reached fails with one line instead of a long
     connection traceback.
+
+    `unet_prefetch` (with `device` and `dtype`): the UNet's file, already read onto the device while the libraries
+    imported (:mod:`lora_dreambooth.prefetch`). The UNet is built from it when its tensors match the model exactly;
+    otherwise diffusers loads it from the file as usual.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -168,8 +173,9 @@ def load_base(base: str, *, allow_pickle: bool = False, device: torch.device | s
         noise_scheduler = DDPMScheduler.from_pretrained(location, subfolder="scheduler")
         text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder",
                                                      use_safetensors=use_safetensors, **te_cast, **placed)
-        unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", use_safetensors=use_safetensors,
-                                                    **unet_cast, **placed)
+        unet = _unet_from_prefetch(location, unet_prefetch, device, dtype) if unet_prefetch is not None else None
+        unet = unet or UNet2DConditionModel.from_pretrained(location, subfolder="unet",
+                                                            use_safetensors=use_safetensors, **unet_cast, **placed)
         vae = AutoencoderKL.from_pretrained(location, subfolder="vae", use_safetensors=use_safetensors, **placed)
     except UserInputError:
         raise
@@ -179,6 +185,35 @@ def load_base(base: str, *, allow_pickle: bool = False, device: torch.device | s
         raise UserInputError(f"base model '{base}' is Stable Diffusion 2.x: only v1.x is supported")
     return _frozen(BaseModel(base=base, tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
                              noise_scheduler=noise_scheduler))
+
+
+def _unet_from_prefetch(location: str, prefetch: WeightPrefetch, device: torch.device | str | None,
+                        dtype: torch.dtype | None) -> torch.nn.Module | None:
+    """The UNet built on the meta device from its config and given the prefetched tensors as its own, as
+    `from_pretrained(torch_dtype=dtype, device_map=device)` would have left it; None (the read's memory given back)
+    unless it was read onto `device` and every parameter and buffer came from the file with the model's shape."""
+    from diffusers import UNet2DConditionModel
+
+    if dtype is None or device is None or torch.device(device) != prefetch.device:
+        prefetch.cancel()
+        return None
+    tensors = prefetch.state_dict(dtype)
+    if tensors is None:
+        return None
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(location, subfolder="unet"))
+    try:
+        unet.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as exc:  # other key names (an older diffusers layout) or shapes: diffusers converts those
+        log.debug("prefetched UNet weights do not match the model (%s): loading with diffusers", str(exc)[:200])
+        return None
+    if any(t.is_meta for t in (*unet.parameters(), *unet.buffers())):
+        return None
+    unet.register_to_config(_name_or_path=location)
+    unet.hf_device_map = {"": torch.device(device)}  # what accelerate's dispatch leaves on a placed model
+    log.info("the UNet's weights were read onto %s while the libraries imported (%.2f GB in %.1f s)", prefetch.device,
+             prefetch.nbytes / 1e9, prefetch.seconds)
+    return unet.eval()
 
 
 def _frozen(model: BaseModel) -> BaseModel:

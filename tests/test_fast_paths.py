@@ -12,7 +12,8 @@ from lora_dreambooth import TrainConfig
 from lora_dreambooth.errors import UserInputError
 from lora_dreambooth.training.graph import CudaGraphStep, checkpoint_without_rng_state, make_optimizer_capturable
 from lora_dreambooth.training.lowmem import (GIB, Footprint, NF4Conv2d, NF4Linear, choose_plan, dequantize_into,
-                                          dequantize_nf4_eager, kernels_likely, predict_peak_bytes, quantize_frozen)
+                                          dequantize_nf4_eager, kernels_likely, placed_unquantized_likely,
+                                          predict_peak_bytes, quantize_frozen)
 from lora_dreambooth.training.recipe import DreamBoothRecipe
 
 CUDA = torch.cuda.is_available()
@@ -214,6 +215,19 @@ def test_a_plan_that_runs_the_kernels_is_foreseen_before_the_base_s_shapes_are_k
     assert not likely(_r2(profile="fast", optimizer="adamw8bit"))  # no graph: the kernels are not launched
     assert not likely(_r2(profile="fast"), device="cpu")
     assert not likely(_r2(profile="fast", mixed_precision="no"), dtype=torch.float32)
+
+
+def test_a_plan_that_places_the_base_unquantized_is_foreseen_before_its_shapes_are_known():
+    def likely(cfg, free=16 * GIB, device="cuda"):
+        return placed_unquantized_likely(cfg, torch.device(device), free)
+
+    foreseen = [(_r2(profile="fast"), 1 * GIB), (_r2(profile="plain"), None), (_r2(), 8 * GIB),
+                (_r2(max_vram="24GB"), None), (_r2(mixed_precision="no"), 16 * GIB),
+                (_r2(profile="fast", optimizer="adamw8bit"), None)]
+    for cfg, free in foreseen:  # wherever the guess says yes (the UNet is read early), the plan places it as it is
+        assert likely(cfg, free) and not _plan(cfg, free=free).quantize, cfg
+    assert not likely(_r2(), 4 * GIB) and not likely(_r2(), None) and not likely(_r2(max_vram="2GB"))
+    assert not likely(_r2(profile="low-memory")) and not likely(_r2(profile="fast"), device="cpu")
 
 
 @pytest.mark.parametrize("blocking, reason", [

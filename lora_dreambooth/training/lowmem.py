@@ -527,16 +527,25 @@ def place_frozen_models(unet: nn.Module, text_encoder: nn.Module | None, plan: E
 LIKELY_FAST_FREE_BYTES = 8 * GIB
 
 
-def kernels_likely(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, num_processes: int,
-                   free_bytes: int | None) -> bool:
-    """Whether the plan will run the Triton kernels, judged before the base's shapes are known: a fast plan under a
-    CUDA graph, asked for, or left to auto with at least `LIKELY_FAST_FREE_BYTES` free (or allowed by --max-vram)."""
-    if device.type != "cuda" or dtype not in LOW_PRECISION or graph_blockers(cfg, device, num_processes):
+def placed_unquantized_likely(cfg: TrainConfig, device: torch.device, free_bytes: int | None) -> bool:
+    """Whether the plan will put the base on the GPU as it is (not NF4), judged before the base's shapes are known:
+    the fast or plain profile asked for, or auto with at least `LIKELY_FAST_FREE_BYTES` free (or allowed by
+    --max-vram)."""
+    if device.type != "cuda" or cfg.profile == "low-memory":
         return False
-    if cfg.profile == "fast":
+    if cfg.profile in ("fast", "plain"):
         return True
     budget = parse_size(cfg.max_vram) if cfg.max_vram else free_bytes
-    return cfg.profile == "auto" and budget is not None and budget >= LIKELY_FAST_FREE_BYTES
+    return budget is not None and budget >= LIKELY_FAST_FREE_BYTES
+
+
+def kernels_likely(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, num_processes: int,
+                   free_bytes: int | None) -> bool:
+    """Whether the plan will run the Triton kernels, judged before the base's shapes are known: a fast plan in a
+    16-bit dtype under a CUDA graph (:func:`placed_unquantized_likely`, not the plain profile)."""
+    if cfg.profile == "plain" or dtype not in LOW_PRECISION or graph_blockers(cfg, device, num_processes):
+        return False
+    return placed_unquantized_likely(cfg, device, free_bytes)
 
 
 def start_likely_kernel_compiles(cfg: TrainConfig, device: torch.device, dtype: torch.dtype,

@@ -33,7 +33,7 @@ from lora_dreambooth.training.batches import MicroBatches, Placement
 from lora_dreambooth.training.checkpoints import (install_adapter_hooks, latest_checkpoint, resume_from_latest,
                                                   save_checkpoint)
 from lora_dreambooth.training.graph import GraphedTraining, compile_in_place, enable_checkpointing
-from lora_dreambooth.training.lowmem import place_frozen_models, start_kernel_compiles, start_likely_kernel_compiles
+from lora_dreambooth.training.lowmem import place_frozen_models, start_kernel_compiles
 from lora_dreambooth.training.objective import DreamBoothObjective
 from lora_dreambooth.training.optim import SkippedSteps, adapter_param_groups, build_lr_scheduler, build_optimizer
 from lora_dreambooth.training.phases import PhaseClock, loop_phases
@@ -43,7 +43,8 @@ from lora_dreambooth.training.prompts import PromptTable
 from lora_dreambooth.training.runtime import (WEIGHT_DTYPES, StopOnSignals, apply_prediction_type, auto_mixed_precision,
                                               check_output_folder, check_resume_matches, divergence_error,
                                               make_accelerator, params_digest, progress_bar, warn_skipped_steps)
-from lora_dreambooth.training.startup import base_placement, latent_batch_size, latent_store, plan_before_loading
+from lora_dreambooth.training.startup import (base_placement, latent_batch_size, latent_store, plan_before_loading,
+                                              start_before_imports)
 from lora_dreambooth.training.validation import (grid_path, validation_due, validation_prompts, write_sample_images,
                                                  write_validation_grid)
 from lora_dreambooth.version import __version__
@@ -84,7 +85,7 @@ class DreamBoothRecipe:
         check_resume_matches(self.cfg, self.out)
         self.subjects = resolve_subjects(self.cfg)
         self.instance = load_subject_examples(self.cfg, self.subjects)
-        resolve_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle)
+        self.location = resolve_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle)  # a folder, file or hub id
         self.accelerator = make_accelerator(self.cfg, self.out)
         self.device = self.accelerator.device
         log.info("process %d/%d on %s", self.accelerator.process_index, self.accelerator.num_processes, self.device)
@@ -94,7 +95,7 @@ class DreamBoothRecipe:
         self.plan = self.clock.run("imports + plan", self._choose_plan)  # where the weights go depends on it
         if self.accelerator.is_main_process:
             log.info(self.plan.describe())
-        where = dict(allow_pickle=self.cfg.allow_pickle, **base_placement(self.plan, self.device, self.weight_dtype))
+        where = base_placement(self.cfg, self.plan, self.device, self.weight_dtype, self.unet_prefetch)
         self.base = self.clock.run("base load", lambda: load_base(self.cfg.base, **where))  # to the GPU, once
         self._adapt_to_base()
         self.use_prior = self.cfg.prior and self.cfg.prior_weight > 0
@@ -105,10 +106,10 @@ class DreamBoothRecipe:
         self.clock.run("adapters + optimizer", self._inject_adapters, self._prepare_optimization, self._maybe_resume,
                        self._prepare_step_runner)
 
-    def _choose_plan(self):  # a first run's kernel compile may begin before the imports planning needs
-        start_likely_kernel_compiles(self.cfg, self.device, self.weight_dtype, self.accelerator.num_processes)
-        plan = plan_before_loading(self.cfg, resolve_base(self.cfg.base, allow_pickle=self.cfg.allow_pickle),
-                                   device=self.device, num_processes=self.accelerator.num_processes)
+    def _choose_plan(self):  # the kernels' compile and the UNet's read may begin before the imports planning needs
+        cfg, processes = self.cfg, self.accelerator.num_processes
+        self.unet_prefetch = start_before_imports(cfg, self.location, self.device, self.weight_dtype, processes)
+        plan = plan_before_loading(cfg, self.location, device=self.device, num_processes=processes)
         return start_kernel_compiles(plan, self.device, self.weight_dtype)  # they compile while the base loads
 
     def _adapt_to_base(self) -> None:

@@ -14,14 +14,35 @@ import torch
 
 from lora_dreambooth.config import TrainConfig
 from lora_dreambooth.data.latent_store import LatentStore
+from lora_dreambooth.prefetch import WeightPrefetch, unet_weights_file
 from lora_dreambooth.single_file import config_folder_for, is_single_file
-from lora_dreambooth.training.lowmem import ExecutionPlan, plan_for_base
+from lora_dreambooth.training.lowmem import (ExecutionPlan, device_free_bytes, placed_unquantized_likely, plan_for_base,
+                                             start_likely_kernel_compiles)
 from lora_dreambooth.training.priors import default_cache_root
 
 log = logging.getLogger(__name__)
 # Peak bytes of encoding one 512 px image with the fp32 VAE (measured: a batch of 8 peaks at 6.3 GiB)
 ENCODE_BYTES_PER_IMAGE = 0.8 * (1 << 30)
 MAX_ENCODE_BATCH = 32
+# GPU memory left over while the UNet's file and its cast copy are both there, for the rest of the start-up
+PREFETCH_SPARE_BYTES = 1 << 30
+
+
+def start_before_imports(cfg: TrainConfig, location: str, device: torch.device, dtype: torch.dtype,
+                         num_processes: int) -> WeightPrefetch | None:
+    """Begin what does not need diffusers or transformers, so that it runs while they import (7 s on a GPU host):
+    the Triton kernels' compile when the plan will surely run them (`start_likely_kernel_compiles`), and the read of
+    the UNet's weights onto the GPU when the base will surely be placed there unquantized and the GPU holds the file
+    and its cast copy at once. Returns that read (for `load_base`), or None.
+    """
+    start_likely_kernel_compiles(cfg, device, dtype, num_processes)
+    file = unet_weights_file(location) if device.type == "cuda" else None
+    if file is None:
+        return None
+    free = device_free_bytes(device)
+    if not placed_unquantized_likely(cfg, device, free) or free < 2 * file.stat().st_size + PREFETCH_SPARE_BYTES:
+        return None
+    return WeightPrefetch.start(file, device)
 
 
 def plan_before_loading(cfg: TrainConfig, location: str, *, device: torch.device, num_processes: int
@@ -40,15 +61,19 @@ def plan_before_loading(cfg: TrainConfig, location: str, *, device: torch.device
     return plan_for_base(cfg, shapes, device=device, num_processes=num_processes)
 
 
-def base_placement(plan: ExecutionPlan, device: torch.device, weight_dtype: torch.dtype) -> dict[str, Any]:
-    """`load_base` arguments: on a GPU the UNet and text encoder load once, straight to it in the compute dtype.
+def base_placement(cfg: TrainConfig, plan: ExecutionPlan, device: torch.device, weight_dtype: torch.dtype,
+                   unet_prefetch: WeightPrefetch | None = None) -> dict[str, Any]:
+    """`load_base` arguments: on a GPU the UNet and text encoder load once, straight to it in the compute dtype,
+    the UNet from `unet_prefetch` where :func:`start_before_imports` began reading it.
 
     Not for the low-memory profile, whose rule is that the full-precision model never lands on the GPU (NF4
-    quantizes from the CPU copy, layer by layer), and not on a CPU (the recipe casts there, as it always did).
+    quantizes from the CPU copy, layer by layer), and not on a CPU (the recipe casts there, as it always did); a
+    prefetch then gives its memory back unused.
     """
+    where: dict[str, Any] = {"allow_pickle": cfg.allow_pickle, "unet_prefetch": unet_prefetch}
     if device.type != "cuda" or plan.quantize:
-        return {}
-    return {"device": device, "dtype": weight_dtype}
+        return where
+    return {**where, "device": device, "dtype": weight_dtype}
 
 
 def latent_batch_size(cfg: TrainConfig, plan: ExecutionPlan, device: torch.device,

@@ -1,0 +1,103 @@
+"""The UNet's weights read while the libraries import (`lora_dreambooth.prefetch`): the UNet built from them is the
+one diffusers loads, whatever the early read cannot use is loaded by diffusers as before, and the read starts only
+where the base will be placed on a GPU as it is."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_dreambooth import TrainConfig
+from lora_dreambooth.models import load_base
+from lora_dreambooth.prefetch import WeightPrefetch, unet_weights_file
+from lora_dreambooth.training.startup import base_placement, start_before_imports
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="reads onto a GPU (run on the device machine)")
+
+
+def _assert_same_unet(unet: torch.nn.Module, reference: torch.nn.Module) -> None:
+    ours, theirs = unet.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        other = theirs[name]
+        assert (tensor.dtype, tensor.device, tensor.shape) == (other.dtype, other.device, other.shape), name
+        assert torch.equal(tensor, other), name
+    assert unet.config == reference.config  # _name_or_path included
+    assert getattr(unet, "hf_device_map", None) == getattr(reference, "hf_device_map", None)
+    assert not unet.training
+
+
+def _config(**overrides) -> TrainConfig:
+    values = dict(instance_dir="photos", base="base", token="sks", class_noun="dog", output_dir="out",
+                  mixed_precision="bf16", resolution=512)
+    return TrainConfig(**{**values, **overrides})
+
+
+def test_the_unet_read_early_is_the_one_diffusers_loads(tiny_base):
+    prefetch = WeightPrefetch.start(unet_weights_file(str(tiny_base)), "cpu")
+    early = load_base(str(tiny_base), device="cpu", dtype=torch.bfloat16, unet_prefetch=prefetch)
+    usual = load_base(str(tiny_base), device="cpu", dtype=torch.bfloat16)
+    assert prefetch.seconds > 0
+    assert early.unet.dtype == torch.bfloat16
+    _assert_same_unet(early.unet, usual.unet)
+
+
+def test_what_the_early_read_cannot_use_is_loaded_by_diffusers(tiny_base, tmp_path):
+    usual = load_base(str(tiny_base), device="cpu", dtype=torch.bfloat16).unet
+    truncated = tmp_path / "unet.safetensors"
+    data = unet_weights_file(str(tiny_base)).read_bytes()
+    truncated.write_bytes(data[: len(data) - 100])
+    unusable = {
+        "another model's weights (the VAE's keys)": Path(tiny_base) / "vae" / "diffusion_pytorch_model.safetensors",
+        "a file that ends early": truncated,
+        "a missing file": tmp_path / "gone.safetensors",
+    }
+    for why, file in unusable.items():
+        prefetch = WeightPrefetch.start(file, "cpu")
+        unet = load_base(str(tiny_base), device="cpu", dtype=torch.bfloat16, unet_prefetch=prefetch).unet
+        _assert_same_unet(unet, usual)
+    assert WeightPrefetch.start(truncated, "cpu").state_dict(torch.bfloat16) is None
+
+    # the base left unplaced (the low-memory plan, a CPU run): fp32 on the CPU as always, the read dropped
+    prefetch = WeightPrefetch.start(unet_weights_file(str(tiny_base)), "cpu")
+    where = base_placement(_config(profile="low-memory"), _low_memory_plan(), torch.device("cuda"), torch.bfloat16,
+                           prefetch)
+    assert "device" not in where and where["unet_prefetch"] is prefetch
+    unplaced = load_base(str(tiny_base), **where).unet
+    assert unplaced.dtype == torch.float32 and prefetch._raw is None
+    _assert_same_unet(unplaced, load_base(str(tiny_base)).unet)
+
+
+def _low_memory_plan():
+    from lora_dreambooth.training.lowmem import ExecutionPlan
+
+    return ExecutionPlan("low-memory", cuda_graph=True, quantize="nf4", gradient_checkpointing=True)
+
+
+def test_the_early_read_starts_only_for_a_diffusers_folder_placed_on_a_gpu(tiny_base, tmp_path):
+    assert start_before_imports(_config(profile="fast"), str(tiny_base), torch.device("cpu"), torch.bfloat16, 1) is None
+    assert unet_weights_file("org/name") is None  # a hub id: diffusers resolves and downloads it
+    assert unet_weights_file(str(tmp_path / "model.safetensors")) is None  # a single-file checkpoint
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_base, sharded)
+    weights = unet_weights_file(str(sharded))
+    weights.rename(weights.with_name("diffusion_pytorch_model-00001-of-00001.safetensors"))
+    assert unet_weights_file(str(sharded)) is None
+
+
+@needs_cuda
+def test_on_a_gpu_the_unet_read_early_is_the_one_diffusers_loads_and_its_buffer_is_given_back(tiny_base):
+    device = torch.device("cuda", torch.cuda.current_device())
+    usual = load_base(str(tiny_base), device=device, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(device)
+    prefetch = start_before_imports(_config(profile="fast"), str(tiny_base), device, torch.bfloat16, 1)
+    assert prefetch is not None
+    early = load_base(str(tiny_base), device=device, dtype=torch.bfloat16, unet_prefetch=prefetch)
+    _assert_same_unet(early.unet, usual.unet)
+    models = (early.unet, early.text_encoder, early.vae)
+    held = sum(t.numel() * t.element_size() for m in models for t in (*m.parameters(), *m.buffers()))
+    assert torch.cuda.memory_allocated(device) - before <= held + (1 << 20)  # the file's bytes are not kept
