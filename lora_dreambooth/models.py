@@ -194,7 +194,7 @@ def _unet_from_prefetch(location: str, prefetch: WeightPrefetch, device: torch.d
     unless it was read onto `device` and every parameter and buffer came from the file with the model's shape."""
     from diffusers import UNet2DConditionModel
 
-    if dtype is None or device is None or torch.device(device) != prefetch.device:
+    if dtype is None or device is None or not prefetch.reads_onto(device):
         prefetch.cancel()
         return None
     tensors = prefetch.state_dict(dtype)

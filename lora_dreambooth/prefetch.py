@@ -42,7 +42,7 @@ class WeightPrefetch:
     """One safetensors file being read onto `device` by a thread of its own (:meth:`start`)."""
 
     def __init__(self, file: Path, device: torch.device):
-        self.file, self.device = Path(file), torch.device(device)
+        self.file, self.device = Path(file), _with_index(device)  # the thread's current GPU is not the caller's
         self.seconds = 0.0  # the read's wall time
         self._header: dict | None = None
         self._raw: torch.Tensor | None = None  # the file's data section, as bytes on the device
@@ -61,6 +61,10 @@ class WeightPrefetch:
     @property
     def nbytes(self) -> int:
         return self.file.stat().st_size
+
+    def reads_onto(self, device: torch.device | str) -> bool:
+        """Whether the read goes to `device` ("cuda" meaning the caller's current GPU)."""
+        return _with_index(device) == self.device
 
     def state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
         """Wait for the read, then the file's tensors on the device: floating ones cast to `dtype`, the rest copied.
@@ -110,6 +114,13 @@ class WeightPrefetch:
     def _release_cache(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the file's buffer is free: memory planning later counts it as free
+
+
+def _with_index(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _read_exactly(stream, size: int) -> bytes:

@@ -90,7 +90,7 @@ def test_the_early_read_starts_only_for_a_diffusers_folder_placed_on_a_gpu(tiny_
 
 @needs_cuda
 def test_on_a_gpu_the_unet_read_early_is_the_one_diffusers_loads_and_its_buffer_is_given_back(tiny_base):
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device("cuda")  # as accelerate names a single process's GPU: the reading thread finds its index
     usual = load_base(str(tiny_base), device=device, dtype=torch.bfloat16)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated(device)
