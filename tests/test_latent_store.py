@@ -12,8 +12,10 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
+from lora_dreambooth.data.examples import encode_latents, image_generators
 from lora_dreambooth.data.latent_store import LatentStore, weights_fingerprint
 from lora_dreambooth.files.metadata import ADAPTER_FILENAME
+from lora_dreambooth.training.startup import encoding_precision
 
 from .conftest import cli_in_process, small_train_args
 
@@ -78,7 +80,43 @@ def test_the_key_changes_with_every_input_the_latents_depend_on(tmp_path, vae):
         store.key(nudged, pixels, seed=0, flip=False, device_type="cpu"),
         store.key(other_config, pixels, seed=0, flip=False, device_type="cpu"),
     ]
+    with torch.autocast("cpu", dtype=torch.float16):  # latents encoded under autocast are rounded otherwise
+        variants.append(store.key(vae, pixels, seed=0, flip=False, device_type="cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        variants.append(store.key(vae, pixels, seed=0, flip=False, device_type="cpu"))
     assert len(set(variants)) == len(variants) and key not in variants
+
+
+def test_latents_encoded_under_fp16_autocast_are_fp32_s_rounded_and_an_overflow_is_encoded_in_fp32(vae, caplog):
+    """The encoding precision of GPUs without fast fp32 (`encoding_precision`: a T4 runs under fp16 autocast), on a
+    CPU: the posterior's noise is drawn in fp32 either way, so only the rounding differs."""
+    pixels = _pixels(count=4)
+    generators = lambda: image_generators(0, range(4), "cpu")  # noqa: E731 - fresh ones for each encoding
+    exact = encode_latents(vae, pixels, generator=generators(), batch_size=2)
+    with torch.autocast("cpu", dtype=torch.float16):
+        rounded = encode_latents(vae, pixels, generator=generators(), batch_size=2)
+    assert rounded.dtype == torch.float32 and not torch.equal(rounded, exact)
+    assert torch.allclose(rounded, exact, atol=2e-2, rtol=1e-2)
+    overflowing = copy.deepcopy(vae)
+    with torch.no_grad():
+        overflowing.encoder.conv_in.weight.mul_(1e6)  # past fp16's largest value: the encoder's output turns inf/NaN
+        reference = encode_latents(overflowing, pixels, generator=generators(), batch_size=2)
+    with caplog.at_level(logging.INFO, logger="lora_dreambooth"), torch.autocast("cpu", dtype=torch.float16):
+        redone = encode_latents(overflowing, pixels, generator=generators(), batch_size=2)
+    assert "overflowed fp16" in caplog.text and torch.isfinite(reference).all()
+    assert torch.equal(redone, reference)
+
+
+def test_the_encoding_precision_is_fp16_autocast_only_where_a_gpu_computes_in_fp16():
+    import contextlib
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.autocast("cuda") on a machine without CUDA warns that it is off
+        half = encoding_precision(torch.device("cuda"), torch.float16)
+    assert isinstance(half, torch.autocast) and half.fast_dtype == torch.float16
+    for device, dtype in (("cuda", torch.bfloat16), ("cuda", torch.float32), ("cpu", torch.float16)):
+        assert isinstance(encoding_precision(torch.device(device), dtype), contextlib.nullcontext)
 
 
 def test_vaes_made_and_freed_one_after_another_each_get_their_own_key(tmp_path, vae):

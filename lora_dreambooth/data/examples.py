@@ -140,6 +140,8 @@ def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor, *,
 
     `pixels`: floats in [-1, 1], or uint8 (`stacked_pixel_bytes`), converted chunk by chunk on the VAE's device.
     `generator`: one for the whole batch, one per image (a list), or None for the posterior mean.
+    Under fp16 autocast (the caller's: GPUs without fast fp32, see `encoding_precision`), a chunk whose latents
+    overflow fp16 is encoded again in fp32 with the same noise.
     """
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
@@ -148,15 +150,33 @@ def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor, *,
         chunk = pixels[start:start + batch_size].to(device)
         if chunk.dtype == torch.uint8:
             chunk = pixels_from_bytes(chunk)
-        dist = vae.encode(chunk.to(dtype)).latent_dist
-        if isinstance(generator, list):
-            noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g, device=device, dtype=dist.mean.dtype)
-                                 for g in generator[start:start + batch_size]])
-            sample = dist.mean + dist.std * noise
-        else:
-            sample = dist.sample(generator=generator) if generator is not None else dist.mean
-        out.append(sample.float() * vae.config.scaling_factor)
+        chunk = chunk.to(dtype)
+        dist = vae.encode(chunk).latent_dist
+        noise = _posterior_noise(generator, dist.mean.shape, start, device)
+        sample = _posterior_sample(dist, noise)
+        if torch.is_autocast_enabled(device.type) and not bool(torch.isfinite(sample).all()):
+            log.info("the VAE overflowed fp16 while encoding images %d-%d: encoding them in fp32",
+                     start, start + chunk.shape[0] - 1)
+            with torch.autocast(device.type, enabled=False):
+                sample = _posterior_sample(vae.encode(chunk).latent_dist, noise)
+        out.append(sample * vae.config.scaling_factor)
     return torch.cat(out).contiguous()  # NCHW whatever layout the VAE chose, as a latent cache loads them
+
+
+def _posterior_noise(generator: torch.Generator | list[torch.Generator] | None, shape: torch.Size, start: int,
+                     device: torch.device) -> torch.Tensor | None:
+    """The posterior sample's noise for a chunk (None: the mean), in fp32 whatever precision encoded it."""
+    if generator is None:
+        return None
+    if isinstance(generator, list):
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=torch.float32)
+                            for g in generator[start:start + shape[0]]])
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+
+def _posterior_sample(dist, noise: torch.Tensor | None) -> torch.Tensor:
+    mean = dist.mean.float()
+    return mean if noise is None else mean + dist.std.float() * noise
 
 
 @dataclass(frozen=True)

@@ -61,11 +61,14 @@ class LatentStore:
         self._fingerprints: weakref.WeakKeyDictionary[torch.nn.Module, bytes] = weakref.WeakKeyDictionary()
 
     def key(self, vae: torch.nn.Module, pixels: torch.Tensor, *, seed: int, flip: bool, device_type: str) -> str:
-        """The key of `pixels` (uint8, n x 3 x H x W) encoded by `vae` with `seed` on a `device_type` device."""
+        """The key of `pixels` (uint8, n x 3 x H x W) encoded by `vae` with `seed` on a `device_type` device, and
+        under that device's autocast if one is on (its latents are rounded differently)."""
         if vae not in self._fingerprints:  # one VAE per run: fingerprinted once
             self._fingerprints[vae] = weights_fingerprint(vae)
         config = json.dumps(dict(getattr(vae, "config", {})), sort_keys=True, default=str)
         head = f"v{STORE_VERSION}\n{device_type}\n{seed}\n{flip}\n{tuple(pixels.shape)}\n{pixels.dtype}\n{config}\n"
+        if torch.is_autocast_enabled(device_type):  # fp32 runs keep the keys they always had
+            head += f"autocast {torch.get_autocast_dtype(device_type)}\n"
         digest = hashlib.sha256(head.encode())
         digest.update(self._fingerprints[vae])
         digest.update(pixels.contiguous().numpy())  # the buffer itself, no copy

@@ -43,8 +43,8 @@ from lora_dreambooth.training.prompts import PromptTable
 from lora_dreambooth.training.runtime import (WEIGHT_DTYPES, StopOnSignals, apply_prediction_type, auto_mixed_precision,
                                               check_output_folder, check_resume_matches, divergence_error,
                                               make_accelerator, params_digest, progress_bar, warn_skipped_steps)
-from lora_dreambooth.training.startup import (base_placement, latent_batch_size, latent_store, plan_before_loading,
-                                              start_before_imports)
+from lora_dreambooth.training.startup import (base_placement, encoding_precision, latent_batch_size, latent_store,
+                                              plan_before_loading, start_before_imports)
 from lora_dreambooth.training.validation import (grid_path, validation_due, validation_prompts, write_sample_images,
                                                  write_validation_grid)
 from lora_dreambooth.version import __version__
@@ -147,15 +147,15 @@ class DreamBoothRecipe:
                 te.to("cpu")
 
     def _cache_latents(self) -> None:
-        """Encode every image once with an fp32 VAE (on the device only if it encodes: an earlier run's latents may
-        be in the cache), then keep the VAE off the device."""
+        """Encode every image once with the fp32 VAE (fp16 GPUs: under fp16 autocast), then keep it off the device."""
         acc = self.accelerator
         place = Placement(self.device, acc.process_index, acc.num_processes, acc.gather)
         self.batches = MicroBatches(self.cfg, self.instance, self.class_examples, self.subjects, self.prompts, place,
                                     use_prior=self.use_prior, model_prior=self.model_prior,
                                     num_train_timesteps=self.base.noise_scheduler.config.num_train_timesteps)
-        self.batches.cache_latents(self.base.vae.to(torch.float32), self.base.unet, store=latent_store(self.cfg),
-                                   batch_size=latent_batch_size(self.cfg, self.plan, self.device, self.base.vae))
+        with encoding_precision(self.device, self.weight_dtype):  # the VAE moves to the device only if it encodes
+            self.batches.cache_latents(self.base.vae.to(torch.float32), self.base.unet, store=latent_store(self.cfg),
+                                       batch_size=latent_batch_size(self.cfg, self.plan, self.device, self.base.vae))
         self.base.vae.to("cpu")
 
     def _inject_adapters(self) -> None:
