@@ -163,7 +163,7 @@ def load_base(base: str, *, allow_pickle: bool = False, device: torch.device | s
     quiet_library_progress()
     location = resolve_base(base, allow_pickle=allow_pickle)
     if is_single_file(location) and Path(location).is_file():
-        return _frozen(BaseModel(base=base, **load_single_file_components(Path(location))))
+        return _frozen(BaseModel(base=base, **load_single_file_components(Path(location), device=device, dtype=dtype)))
     use_safetensors = None if allow_pickle else True
     placed = {"device_map": {"": torch.device(device)}} if device is not None else {}
     te_cast = {"dtype": dtype} if dtype is not None else {}  # transformers' name for it

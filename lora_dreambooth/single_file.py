@@ -13,9 +13,12 @@ import os
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_dreambooth.errors import UserInputError
+
+if TYPE_CHECKING:
+    import torch
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 PIPELINE_CONFIG_KEY = "lora_dreambooth.pipeline_config"
@@ -202,8 +205,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_single_file_components(path: Path) -> dict[str, Any]:
-    """tokenizer, noise_scheduler (DDPM), text_encoder, unet, vae of an SD v1.x checkpoint file, fp32 on the CPU."""
+def load_single_file_components(path: Path, *, device: torch.device | str | None = None,
+                                dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """tokenizer, noise_scheduler (DDPM), text_encoder, unet, vae of an SD v1.x checkpoint file: fp32 on the CPU, or
+    with `device`/`dtype` as a diffusers folder loads (`models.load_base`): the UNet and text encoder cast once to
+    `dtype` while converting, then on `device` with the fp32 VAE. A checkpoint saved in fp16, as most are, is then
+    never widened to fp32 on the CPU (4.4 s of 5.4 for SD v1.4's shapes on a 2-core host)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -215,18 +222,22 @@ def load_single_file_components(path: Path) -> dict[str, Any]:
     if problem:
         raise UserInputError(f"base model '{path}' is not an SD v1.x checkpoint: it looks like {problem}")
     options = {"config": str(config), "local_files_only": True}
+    placed = {"device": device} if device is not None else {}
     try:
-        unet = UNet2DConditionModel.from_single_file(checkpoint, subfolder="unet", **options)
-        vae = AutoencoderKL.from_single_file(checkpoint, subfolder="vae", **options)
+        unet = UNet2DConditionModel.from_single_file(checkpoint, subfolder="unet", torch_dtype=dtype, **placed,
+                                                     **options)
+        vae = AutoencoderKL.from_single_file(checkpoint, subfolder="vae", **placed, **options)
         text_encoder = create_diffusers_clip_model_from_ldm(CLIPTextModel, checkpoint, subfolder="text_encoder",
-                                                            **options)
+                                                            torch_dtype=dtype, **options).to(**placed)
         tokenizer = CLIPTokenizer.from_pretrained(str(_tokenizer_folder(config)), subfolder="tokenizer")
         noise_scheduler = DDPMScheduler.from_pretrained(str(config), subfolder="scheduler")
     except Exception as exc:  # shapes that do not fit the configs, a damaged tensor
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
         raise UserInputError(f"base model '{path}' does not load as SD v1.x: {reason}") from None
-    return {"tokenizer": tokenizer, "noise_scheduler": noise_scheduler, "text_encoder": text_encoder.float(),
-            "unet": unet.float(), "vae": vae.float()}
+    if dtype is None:  # fp32 whatever the file holds: callers cast afterwards
+        text_encoder, unet = text_encoder.float(), unet.float()
+    return {"tokenizer": tokenizer, "noise_scheduler": noise_scheduler, "text_encoder": text_encoder, "unet": unet,
+            "vae": vae.float()}
 
 
 def load_single_file_tokenizer(path: Path) -> Any:

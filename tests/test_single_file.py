@@ -68,6 +68,30 @@ def test_single_file_loads_the_same_models_as_the_folder(tiny_base, tiny_checkpo
     assert "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight" in keys
 
 
+def test_a_single_file_loads_placed_and_cast_as_the_folder_does(tiny_base, tiny_checkpoint, tmp_path):
+    """With a device and dtype (a GPU run's `load_base`), a checkpoint's UNet and text encoder are converted straight
+    into the compute dtype, as the folder's are, from an fp32 file and from an fp16 one (as most are saved)."""
+    from safetensors.torch import load_file, save_file
+
+    half = tmp_path / "tiny-sd1-fp16.safetensors"
+    with safe_open(str(tiny_checkpoint), "pt") as handle:
+        metadata = handle.metadata()  # the tiny base's own configs
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(str(tiny_checkpoint)).items()},
+              str(half), metadata=metadata)
+    placed = dict(device="cpu", dtype=torch.bfloat16)
+    from_folder, exact = load_base(str(tiny_base), **placed), load_base(str(tiny_base))
+    for checkpoint in (tiny_checkpoint, half):
+        from_file = load_base(str(checkpoint), **placed)
+        for component, dtype in (("unet", torch.bfloat16), ("text_encoder", torch.bfloat16), ("vae", torch.float32)):
+            want, got = getattr(from_folder, component).state_dict(), getattr(from_file, component).state_dict()
+            assert set(want) == set(got) and all(t.dtype == dtype for t in got.values()), (checkpoint, component)
+            if checkpoint == tiny_checkpoint:  # an fp32 file casts to exactly the folder's weights
+                assert all(torch.equal(want[k], got[k]) for k in want), component
+            else:  # an fp16 file holds fp16's rounding of the fp32 weights, cast from there
+                fp32 = getattr(exact, component).state_dict()
+                assert all(torch.equal(fp32[k].half().to(dtype), got[k]) for k in want), component
+
+
 def test_train_from_a_single_file_checkpoint(single_file_adapter, tiny_checkpoint, tmp_path):
     adapter = single_file_adapter / "pytorch_lora_weights.safetensors"
     assert adapter.is_file()
