@@ -86,7 +86,7 @@ class ResidentPipeline:
         device = device or default_device()
         prefer_flash_attention(device)  # the first picture waits for no cuDNN attention plans
         torch_dtype = _DTYPES[dtype] if dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
-        model = load_base(base, allow_pickle=allow_pickle)
+        model = load_base(base, allow_pickle=allow_pickle, device=device, dtype=torch_dtype)  # read straight to it
         pipe = model.pipeline()
         pipe.register_to_config(_name_or_path=str(base))
         pipe.to(device, torch_dtype)
