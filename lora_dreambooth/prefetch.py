@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -47,8 +48,9 @@ class WeightPrefetch:
         self._header: dict | None = None
         self._raw: torch.Tensor | None = None  # the file's data section, as bytes on the device
         self._error: Exception | None = None
-        # not a daemon: a run that fails before loading waits for the read to end instead of exiting with a copy to the
-        # GPU half done
+        self._cancelled = threading.Event()
+        # not a daemon, so that the interpreter never tears CUDA down under a copy; the read stops at its next chunk
+        # once cancelled or once the main thread has ended (a run that failed before loading exits at once)
         self._thread = threading.Thread(target=self._read, name=f"read {self.file.name}")
 
     @classmethod
@@ -73,19 +75,21 @@ class WeightPrefetch:
         self._thread.join()
         raw, header, self._raw = self._raw, self._header, None
         if raw is None:
-            log.debug("prefetch of %s failed (%s): the library reads it", self.file, self._error)
+            if not self._cancelled.is_set():
+                log.info("the early read of %s failed (%s): diffusers reads it", self.file, self._error)
             return None
         try:
             return {name: self._tensor(raw, entry, dtype) for name, entry in header.items() if name != "__metadata__"}
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a layout these views cannot express
-            log.debug("prefetched %s is not usable as views (%s): the library reads it", self.file, exc)
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:  # out of memory included
+            log.info("the early read of %s is not usable (%s): diffusers reads it", self.file, str(exc)[:200])
             return None
         finally:
             del raw
             self._release_cache()
 
     def cancel(self) -> None:
-        """Drop the read (waiting for it to end) and give its memory back."""
+        """Stop the read (within one chunk) and give its memory back."""
+        self._cancelled.set()
         self._thread.join()
         self._raw = None
         self._release_cache()
@@ -98,7 +102,7 @@ class WeightPrefetch:
                 self._header = json.loads(_read_exactly(stream, header_bytes))
                 data_bytes = os.fstat(stream.fileno()).st_size - 8 - header_bytes
                 raw = torch.empty(data_bytes, dtype=torch.uint8, device=self.device)
-                _read_into(stream, raw)
+                _read_into(stream, raw, self._stopped)
             self._raw = raw
         except Exception as exc:  # noqa: BLE001 - any failure means the library reads the file as it always did
             self._error = exc
@@ -111,9 +115,12 @@ class WeightPrefetch:
         # always a copy: a view would keep the whole file's buffer alive for as long as one weight lives
         return tensor.to(dtype, copy=True) if tensor.is_floating_point() else tensor.clone()
 
+    def _stopped(self) -> bool:
+        return self._cancelled.is_set() or not threading.main_thread().is_alive()
+
     def _release_cache(self) -> None:
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # the file's buffer is free: memory planning later counts it as free
+            torch.cuda.empty_cache()  # the file's buffer goes back to the GPU, not to torch's cache
 
 
 def _with_index(device: torch.device | str) -> torch.device:
@@ -130,12 +137,15 @@ def _read_exactly(stream, size: int) -> bytes:
     return data
 
 
-def _read_into(stream, raw: torch.Tensor) -> None:
-    """Fill `raw` from `stream`: straight into it on the CPU, through one pinned chunk onto a GPU."""
+def _read_into(stream, raw: torch.Tensor, stopped: Callable[[], bool]) -> None:
+    """Fill `raw` from `stream`: straight into it on the CPU, through one pinned chunk onto a GPU; raise if
+    `stopped()` says so between chunks."""
     staging = raw if raw.device.type == "cpu" else torch.empty(min(CHUNK_BYTES, raw.numel()), dtype=torch.uint8,
                                                                    pin_memory=True)
     view, done = memoryview(staging.numpy()), 0
     while done < raw.numel():
+        if stopped():
+            raise InterruptedError("cancelled")
         size = min(CHUNK_BYTES, raw.numel() - done)
         window = view[done:done + size] if staging is raw else view[:size]
         got = 0

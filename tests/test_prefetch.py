@@ -11,8 +11,9 @@ import torch
 
 from lora_dreambooth import TrainConfig
 from lora_dreambooth.models import load_base
+from lora_dreambooth import prefetch as prefetch_module
 from lora_dreambooth.prefetch import WeightPrefetch, unet_weights_file
-from lora_dreambooth.training.startup import base_placement, start_before_imports
+from lora_dreambooth.training.startup import EarlyStart, base_placement, plan_before_loading, start_before_imports
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="reads onto a GPU (run on the device machine)")
@@ -78,7 +79,8 @@ def _low_memory_plan():
 
 
 def test_the_early_read_starts_only_for_a_diffusers_folder_placed_on_a_gpu(tiny_base, tmp_path):
-    assert start_before_imports(_config(profile="fast"), str(tiny_base), torch.device("cpu"), torch.bfloat16, 1) is None
+    early = start_before_imports(_config(profile="fast"), str(tiny_base), torch.device("cpu"), torch.bfloat16, 1)
+    assert early == EarlyStart(None, None)
     assert unet_weights_file("org/name") is None  # a hub id: diffusers resolves and downloads it
     assert unet_weights_file(str(tmp_path / "model.safetensors")) is None  # a single-file checkpoint
     sharded = tmp_path / "sharded"
@@ -88,14 +90,45 @@ def test_the_early_read_starts_only_for_a_diffusers_folder_placed_on_a_gpu(tiny_
     assert unet_weights_file(str(sharded)) is None
 
 
+def test_a_cancelled_read_stops_at_its_next_chunk_and_diffusers_loads_the_unet(tiny_base, monkeypatch):
+    monkeypatch.setattr(prefetch_module, "CHUNK_BYTES", 4096)  # the tiny UNet's file in many chunks
+    file = unet_weights_file(str(tiny_base))
+    usual = load_base(str(tiny_base), device="cpu", dtype=torch.bfloat16).unet
+    stopped = WeightPrefetch(file, torch.device("cpu"))
+    stopped._cancelled.set()  # before the first chunk: the read ends there
+    stopped._thread.start()
+    assert stopped.state_dict(torch.bfloat16) is None and isinstance(stopped._error, InterruptedError)
+    for when in ("at once", "after the read"):  # whenever it comes, a cancel leaves nothing to build from
+        prefetch = WeightPrefetch.start(file, "cpu")
+        if when == "after the read":
+            prefetch._thread.join()
+        prefetch.cancel()
+        assert prefetch.state_dict(torch.bfloat16) is None
+        _assert_same_unet(load_base(str(tiny_base), device="cpu", dtype=torch.bfloat16, unet_prefetch=prefetch).unet,
+                          usual)
+
+
+def test_the_plan_counts_the_memory_free_before_the_read_began(tiny_base):
+    """The read's buffer is on the GPU while the plan is made, and freed once the UNet is built: the plan is made
+    for the memory free before it (here given on a CPU: the planner only compares numbers)."""
+    cuda = torch.device("cuda")
+    roomy = plan_before_loading(_config(), str(tiny_base), device=cuda, num_processes=1,
+                                early=EarlyStart(None, 64 << 30))
+    cramped = plan_before_loading(_config(), str(tiny_base), device=cuda, num_processes=1,
+                                  early=EarlyStart(None, 1 << 20))
+    assert not roomy.quantize and cramped.quantize
+
+
 @needs_cuda
 def test_on_a_gpu_the_unet_read_early_is_the_one_diffusers_loads_and_its_buffer_is_given_back(tiny_base):
     device = torch.device("cuda")  # as accelerate names a single process's GPU: the reading thread finds its index
     usual = load_base(str(tiny_base), device=device, dtype=torch.bfloat16)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated(device)
-    prefetch = start_before_imports(_config(profile="fast"), str(tiny_base), device, torch.bfloat16, 1)
-    assert prefetch is not None
+    free = torch.cuda.mem_get_info(device)[0]
+    early = start_before_imports(_config(profile="fast"), str(tiny_base), device, torch.bfloat16, 1)
+    prefetch = early.unet_prefetch
+    assert prefetch is not None and abs(early.free_bytes - free) < (256 << 20)
     early = load_base(str(tiny_base), device=device, dtype=torch.bfloat16, unet_prefetch=prefetch)
     _assert_same_unet(early.unet, usual.unet)
     models = (early.unet, early.text_encoder, early.vae)

@@ -484,12 +484,14 @@ def device_free_bytes(device: torch.device) -> int | None:
     return int(free)
 
 
-def plan_for_base(cfg: TrainConfig, base: Any, *, device: torch.device, num_processes: int) -> ExecutionPlan:
-    """Resolve --profile / --max-vram for this base on this device (what runs: CUDA graph, NF4 base, checkpointing)."""
+def plan_for_base(cfg: TrainConfig, base: Any, *, device: torch.device, num_processes: int,
+                  free_bytes: int | None = None) -> ExecutionPlan:
+    """Resolve --profile / --max-vram for this base on this device (what runs: CUDA graph, NF4 base, checkpointing),
+    for `free_bytes` free on it (default: as free now)."""
     unet = footprint(base.unet, cfg.unet_target_modules, cfg.rank)
     te = footprint(base.text_encoder, cfg.text_encoder_target_modules, cfg.rank) if cfg.train_text_encoder else None
-    return choose_plan(cfg, device=device, num_processes=num_processes, unet=unet, text_encoder=te,
-                       free_bytes=device_free_bytes(device))
+    free = free_bytes if free_bytes is not None else device_free_bytes(device)
+    return choose_plan(cfg, device=device, num_processes=num_processes, unet=unet, text_encoder=te, free_bytes=free)
 
 
 def place_frozen_models(unet: nn.Module, text_encoder: nn.Module | None, plan: ExecutionPlan, *,

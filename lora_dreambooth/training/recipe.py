@@ -95,7 +95,7 @@ class DreamBoothRecipe:
         self.plan = self.clock.run("imports + plan", self._choose_plan)  # where the weights go depends on it
         if self.accelerator.is_main_process:
             log.info(self.plan.describe())
-        where = base_placement(self.cfg, self.plan, self.device, self.weight_dtype, self.unet_prefetch)
+        where = base_placement(self.cfg, self.plan, self.device, self.weight_dtype, self.early.unet_prefetch)
         self.base = self.clock.run("base load", lambda: load_base(self.cfg.base, **where))  # to the GPU, once
         self._adapt_to_base()
         self.use_prior = self.cfg.prior and self.cfg.prior_weight > 0
@@ -108,8 +108,8 @@ class DreamBoothRecipe:
 
     def _choose_plan(self):  # the kernels' compile and the UNet's read may begin before the imports planning needs
         cfg, processes = self.cfg, self.accelerator.num_processes
-        self.unet_prefetch = start_before_imports(cfg, self.location, self.device, self.weight_dtype, processes)
-        plan = plan_before_loading(cfg, self.location, device=self.device, num_processes=processes)
+        self.early = start_before_imports(cfg, self.location, self.device, self.weight_dtype, processes)
+        plan = plan_before_loading(cfg, self.location, device=self.device, num_processes=processes, early=self.early)
         return start_kernel_compiles(plan, self.device, self.weight_dtype)  # they compile while the base loads
 
     def _adapt_to_base(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -29,27 +30,37 @@ MAX_ENCODE_BATCH = 32
 PREFETCH_SPARE_BYTES = 1 << 30
 
 
+@dataclass(frozen=True)
+class EarlyStart:
+    """What :func:`start_before_imports` began: the UNet's read (None if not begun), and the GPU's free memory just
+    before it (None on a CPU), which the plan counts: the read's buffer is freed again once the UNet is built."""
+
+    unet_prefetch: WeightPrefetch | None
+    free_bytes: int | None
+
+
 def start_before_imports(cfg: TrainConfig, location: str, device: torch.device, dtype: torch.dtype,
-                         num_processes: int) -> WeightPrefetch | None:
+                         num_processes: int) -> EarlyStart:
     """Begin what does not need diffusers or transformers, so that it runs while they import (7 s on a GPU host):
     the Triton kernels' compile when the plan will surely run them (`start_likely_kernel_compiles`), and the read of
     the UNet's weights onto the GPU when the base will surely be placed there unquantized and the GPU holds the file
-    and its cast copy at once. Returns that read (for `load_base`), or None.
+    and its cast copy at once (an fp16 file cast to fp32 at worst).
     """
+    free = device_free_bytes(device)
     start_likely_kernel_compiles(cfg, device, dtype, num_processes)
     file = unet_weights_file(location) if device.type == "cuda" else None
-    if file is None:
-        return None
-    free = device_free_bytes(device)
-    if not placed_unquantized_likely(cfg, device, free) or free < 2 * file.stat().st_size + PREFETCH_SPARE_BYTES:
-        return None
-    return WeightPrefetch.start(file, device)
+    if file is None or not placed_unquantized_likely(cfg, device, free):
+        return EarlyStart(None, free)
+    size = file.stat().st_size
+    if free < size * (1 + dtype.itemsize / 2) + PREFETCH_SPARE_BYTES:
+        return EarlyStart(None, free)
+    return EarlyStart(WeightPrefetch.start(file, device), free)
 
 
-def plan_before_loading(cfg: TrainConfig, location: str, *, device: torch.device, num_processes: int
-                        ) -> ExecutionPlan:
+def plan_before_loading(cfg: TrainConfig, location: str, *, device: torch.device, num_processes: int,
+                        early: EarlyStart | None = None) -> ExecutionPlan:
     """The plan for this base, from its configs alone: the UNet and text encoder are built on the meta device
-    (shapes, no storage), which is all the planner counts."""
+    (shapes, no storage), which is all the planner counts; the GPU's free memory as it was before `early` began."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -59,7 +70,8 @@ def plan_before_loading(cfg: TrainConfig, location: str, *, device: torch.device
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(location, subfolder="unet"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(location, subfolder="text_encoder"))
     shapes = SimpleNamespace(unet=unet, text_encoder=text_encoder)
-    return plan_for_base(cfg, shapes, device=device, num_processes=num_processes)
+    free = early.free_bytes if early is not None else None
+    return plan_for_base(cfg, shapes, device=device, num_processes=num_processes, free_bytes=free)
 
 
 def base_placement(cfg: TrainConfig, plan: ExecutionPlan, device: torch.device, weight_dtype: torch.dtype,
@@ -99,10 +111,11 @@ def latent_batch_size(cfg: TrainConfig, plan: ExecutionPlan, device: torch.devic
 
 def encoding_precision(device: torch.device, weight_dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """The precision the training latents are encoded in: fp32, except under fp16 autocast where the run computes
-    in fp16 on a GPU. Those GPUs (a T4, a V100) have no TF32, and run fp32 convolutions at a fraction (an eighth on
-    a T4) of their fp16 rate: the latents of 9 photos and 100 class images take ~20 s there in fp32, by FLOP count.
-    kohya's scripts cache latents with the VAE in fp16 by default; here the norms stay fp32 under autocast, and a
-    batch that overflows is encoded again in fp32 (`encode_latents`)."""
+    in fp16 on a GPU. That is the choice of GPUs without bf16 (a T4, a V100), which have no TF32 either and run fp32
+    convolutions at a fraction (an eighth on a T4) of their fp16 rate: the latents of 9 photos and 100 class images
+    take ~20 s there in fp32, by FLOP count. A newer GPU told to use fp16 gets the same rounding, so that a run's
+    latents follow its compute dtype alone. kohya's scripts cache latents with the VAE in fp16 by default; here the
+    norms stay fp32 under autocast, and a batch that overflows is encoded again in fp32 (`encode_latents`)."""
     if device.type == "cuda" and weight_dtype == torch.float16:
         return torch.autocast("cuda", dtype=torch.float16)
     return contextlib.nullcontext()
