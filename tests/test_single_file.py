@@ -92,6 +92,17 @@ def test_a_single_file_loads_placed_and_cast_as_the_folder_does(tiny_base, tiny_
                 assert all(torch.equal(fp32[k].half().to(dtype), got[k]) for k in want), component
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="loads onto a GPU (run on the device machine)")
+def test_on_a_gpu_a_single_file_loads_onto_it_as_the_folder_does(tiny_base, tiny_checkpoint):
+    placed = dict(device="cuda", dtype=torch.bfloat16)
+    from_folder, from_file = load_base(str(tiny_base), **placed), load_base(str(tiny_checkpoint), **placed)
+    for component in ("unet", "vae", "text_encoder"):
+        want, got = getattr(from_folder, component).state_dict(), getattr(from_file, component).state_dict()
+        assert set(want) == set(got), component
+        for key, tensor in want.items():
+            assert got[key].is_cuda and got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+
+
 def test_train_from_a_single_file_checkpoint(single_file_adapter, tiny_checkpoint, tmp_path):
     adapter = single_file_adapter / "pytorch_lora_weights.safetensors"
     assert adapter.is_file()
