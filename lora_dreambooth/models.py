@@ -174,8 +174,9 @@ def load_base(base: str, *, allow_pickle: bool = False, device: torch.device | s
         text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder",
                                                      use_safetensors=use_safetensors, **te_cast, **placed)
         unet = _unet_from_prefetch(location, unet_prefetch, device, dtype) if unet_prefetch is not None else None
-        unet = unet or UNet2DConditionModel.from_pretrained(location, subfolder="unet",
-                                                            use_safetensors=use_safetensors, **unet_cast, **placed)
+        if unet is None:
+            unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", use_safetensors=use_safetensors,
+                                                        **unet_cast, **placed)
         vae = AutoencoderKL.from_pretrained(location, subfolder="vae", use_safetensors=use_safetensors, **placed)
     except UserInputError:
         raise

@@ -550,13 +550,13 @@ def kernels_likely(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, n
     return placed_unquantized_likely(cfg, device, free_bytes)
 
 
-def start_likely_kernel_compiles(cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
-                                 num_processes: int) -> None:
+def start_likely_kernel_compiles(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, num_processes: int,
+                                 free_bytes: int | None) -> None:
     """Begin compiling the Triton kernels before planning when the plan will surely run them
-    (:func:`kernels_likely`): the library imports that planning needs take seconds on a GPU host, and a first run's
-    compile then overlaps them too. A wrong guess costs a compile in the background; a missed one is started by
-    :func:`start_kernel_compiles`."""
-    if kernels_likely(cfg, device, dtype, num_processes, device_free_bytes(device)):
+    (:func:`kernels_likely`, for `free_bytes` free on the GPU): the library imports that planning needs take seconds
+    on a GPU host, and a first run's compile then overlaps them too. A wrong guess costs a compile in the background;
+    a missed one is started by :func:`start_kernel_compiles`."""
+    if kernels_likely(cfg, device, dtype, num_processes, free_bytes):
         compile_in_background(device, dtype, norms=True, geglu=True)
 
 

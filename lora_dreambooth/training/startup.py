@@ -47,7 +47,7 @@ def start_before_imports(cfg: TrainConfig, location: str, device: torch.device, 
     and its cast copy at once (an fp16 file cast to fp32 at worst).
     """
     free = device_free_bytes(device)
-    start_likely_kernel_compiles(cfg, device, dtype, num_processes)
+    start_likely_kernel_compiles(cfg, device, dtype, num_processes, free)
     file = unet_weights_file(location) if device.type == "cuda" else None
     if file is None or not placed_unquantized_likely(cfg, device, free):
         return EarlyStart(None, free)
